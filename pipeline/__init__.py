@@ -1,0 +1,1 @@
+"""Episodes, meta-learners, training, evaluation and the `python -m pipeline` command line."""

@@ -1,0 +1,1 @@
+"""Volumes to tensors: MONAI dictionary-transform presets built from config."""
