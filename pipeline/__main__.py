@@ -52,6 +52,21 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+# Each task kind is a module with `train(cfg, run_dir) -> Path`, `evaluate(run_dir, out) -> dict` and
+# `summary_table(report) -> str`.
+TASKS: dict[str, str] = {
+    "classification": "pipeline.classify",
+}
+
+
+def task_module(task: str):  # noqa: ANN201 - a module object
+    import importlib
+
+    if task not in TASKS:
+        raise FewscanError(f"unknown task {task!r} (known: {sorted(TASKS)})")
+    return importlib.import_module(TASKS[task])
+
+
 # --- train -------------------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="YAML config (see configs/)")
@@ -62,9 +77,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.train import train
 
-    run_dir = train(load_config(args.config, args.overrides), args.out)
+    cfg = load_config(args.config, args.overrides)
+    run_dir = task_module(cfg.task).train(cfg, args.out)
     print(f"run directory: {run_dir}")
     return 0
 
@@ -76,12 +91,14 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate, summary_table
+    import yaml
 
     if not (args.run_dir / "config.yaml").is_file():
         raise FewscanError(f"{args.run_dir}: not a run directory (no config.yaml); run `train` first")
-    report = evaluate(args.run_dir, args.out)
-    print(summary_table(report))
+    task = (yaml.safe_load((args.run_dir / "config.yaml").read_text()) or {}).get("task", "classification")
+    module = task_module(task)
+    report = module.evaluate(args.run_dir, args.out)
+    print(module.summary_table(report))
     print(f"report: {args.out or args.run_dir / 'report.json'}")
     return 0
 

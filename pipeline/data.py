@@ -34,6 +34,32 @@ class Items:
     ids: list[str]
 
 
+class TciaSource:
+    """Findings of a TCIA-style tree (via its manifest): lazily cropped into `Items` per class subset.
+
+    Every classification source offers the same two things: `classes` (all labelled class names) and
+    `items(classes)` (the examples of those classes, preprocessed).
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path | None = None) -> None:
+        self.cfg = cfg
+        self.rows = manifest_rows(cfg, run_dir)
+        col = cfg.data.label_column
+        self.classes = sorted({r[col] for r in self.rows if r.get(col)})
+
+    def items(self, classes: list[str] | None = None) -> Items:
+        """Preprocessed examples of `classes` (all when None)."""
+        return load_items(self.cfg, self.rows, classes)
+
+
+SOURCES: dict[str, type] = {"tcia": TciaSource}
+
+
+def open_source(cfg: Config, run_dir: Path | None = None) -> TciaSource:
+    """The classification source named by `cfg.data.source`; with `run_dir`, its manifest is saved there."""
+    return SOURCES[cfg.data.source](cfg, run_dir)
+
+
 def manifest_rows(cfg: Config, run_dir: Path | None = None) -> list[dict[str, str]]:
     """The manifest named in the config, or a fresh index of `data.root` (written into `run_dir`)."""
     from datasets.index import index_tree, read_manifest, write_manifest

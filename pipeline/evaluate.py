@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.data import Items, load_items, manifest_rows
+from pipeline.data import Items, open_source
 from pipeline.episodes import Episode, EpisodeSampler, load_episodes, save_episodes
 from pipeline.metrics import mean_ci95
 from pipeline.report import plot_accuracy, write_json
@@ -41,12 +41,10 @@ def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     split = read_split(run_dir)
     device = pick_device(cfg.train.device)
     ep_cfg = cfg.episodes
-    rows = manifest_rows(cfg) if cfg.data.manifest or not (run_dir / "manifest.csv").exists() else None
-    if rows is None:
-        from datasets.index import read_manifest
-
-        rows = read_manifest(run_dir / "manifest.csv")
-    items = load_items(cfg, rows, classes=split["novel"])
+    if not cfg.data.manifest and (run_dir / "manifest.csv").exists():
+        # Re-use the manifest written at training time, so evaluation sees exactly the indexed files.
+        cfg.data.manifest = str(run_dir / "manifest.csv")
+    items = open_source(cfg).items(split["novel"])
 
     episodes_path = run_dir / "episodes.json"
     if episodes_path.exists():

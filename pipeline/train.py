@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from datasets.volume import atomic_path
 from pipeline.config import Config, to_dict
-from pipeline.data import Items, load_items, manifest_rows
+from pipeline.data import Items, open_source
 from pipeline.encoders import build_encoder
 from pipeline.episodes import Episode, EpisodeSampler, split_classes
 from pipeline.methods import build_method
@@ -80,12 +80,11 @@ def train(cfg: Config, run_dir: Path) -> Path:
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    rows = manifest_rows(cfg, run_dir)
-    classes = sorted({r[cfg.data.label_column] for r in rows if r.get(cfg.data.label_column)})
-    split = split_classes(classes, cfg.split.novel, cfg.split.validation)
+    source = open_source(cfg, run_dir)
+    split = split_classes(source.classes, cfg.split.novel, cfg.split.validation)
     write_json(split, run_dir / "split.json")
     log.info("classes: base %s | novel %s", split["base"], split["novel"])
-    items = load_items(cfg, rows, classes=split["base"])
+    items = source.items(split["base"])
 
     model = build_model(cfg).to(device)
     save_weights(model, run_dir / "untrained.safetensors")
