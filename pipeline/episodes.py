@@ -4,23 +4,36 @@ An item is one labelled example (a lesion crop) with a class name and a group (t
 Rules enforced here, and tested:
 - novel classes never appear in training episodes (the sampler only sees the classes it is given);
 - no patient has items on both the support and the query side of one episode;
-- the same seed gives the same episodes.
+- the same seed gives the same episodes;
+- with a patient split, base / validation / novel classes draw from disjoint train / validation / test patients.
+
+Fixed evaluation episode sets are JSON files (see `save_episode_set`), so every method is evaluated on exactly
+the same cases (paired comparisons). Training episodes stream from `EpisodeDataset` through a `DataLoader`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datasets.volume import FewscanError, atomic_path
+from datasets.volume import FewscanError, InputError, atomic_path
 
 log = logging.getLogger(__name__)
+
+# Evaluation episodes get their own seed stream, so changing the training schedule never changes them.
+EVAL_SEED_OFFSET = 1_000_003
+# Which patients each class part draws from when a patient split is configured.
+PATIENT_PART = {"base": "train", "validation": "validation", "novel": "test"}
 
 
 @dataclass(frozen=True)
@@ -77,47 +90,56 @@ class EpisodeSampler:
         self.groups = list(groups)
         self.shots, self.queries = shots, queries
         by_class: dict[str, list[int]] = defaultdict(list)
+        wanted = set(classes)
         for i, label in enumerate(labels):
-            if label in set(classes):
+            if label in wanted:
                 by_class[label].append(i)
-        # A class needs K support and Q query items from different patients: check that up front.
+        # A class needs K support and Q query items from different patients. With K+Q patients any K-item support
+        # leaves at least Q patients for the query, so draws never dead-end: check that up front.
         self.by_class: dict[str, list[int]] = {}
         for name in sorted(classes):
             n_patients = len({self.groups[i] for i in by_class.get(name, [])})
-            if n_patients < 2 or len(by_class.get(name, [])) < shots + queries:
-                log.warning("class %r excluded: %d items from %d patients (< K+Q=%d)",
+            if n_patients < shots + queries:
+                log.warning("class %r excluded: %d items from %d patients (< K+Q=%d patients)",
                             name, len(by_class.get(name, [])), n_patients, shots + queries)
                 continue
             self.by_class[name] = by_class[name]
+        # Integer patient codes and index arrays per class: the query pools are then one vectorised mask each.
+        codes = {g: k for k, g in enumerate(dict.fromkeys(self.groups))}
+        self._group_code = np.array([codes[g] for g in self.groups], dtype=np.int64)
+        self._class_index = {name: np.asarray(idx, dtype=np.int64) for name, idx in self.by_class.items()}
         if len(self.by_class) < ways:
             raise FewscanError(
-                f"{ways}-way episodes need {ways} classes with >= {shots + queries} items from >= 2 patients; "
+                f"{ways}-way episodes need {ways} classes with items from >= K+Q={shots + queries} patients; "
                 f"usable: {sorted(self.by_class)}")
         self.ways = ways
         self.rng = np.random.default_rng(seed)
 
-    def sample(self, max_tries: int = 100) -> Episode:
-        """Draw one episode; retries when a patient split leaves a class short of queries."""
+    def sample(self, max_tries: int = 100, rng: np.random.Generator | None = None) -> Episode:
+        """Draw one episode (from `rng`, else the sampler's own stream); retries when the patient split leaves
+        a class short of queries."""
+        rng = self.rng if rng is None else rng
         for _ in range(max_tries):
-            episode = self._try_sample()
+            episode = self._try_sample(rng)
             if episode is not None:
                 return episode
         raise FewscanError("could not draw a patient-disjoint episode: too few patients per class")
 
-    def _try_sample(self) -> Episode | None:
+    def _try_sample(self, rng: np.random.Generator) -> Episode | None:
         names = list(self.by_class)
-        classes = [names[i] for i in sorted(self.rng.choice(len(names), self.ways, replace=False))]
+        classes = [names[i] for i in sorted(rng.choice(len(names), self.ways, replace=False))]
         # Support first, then queries only from patients not used on the support side.
         support: list[int] = []
         for name in classes:
-            support += list(self.rng.choice(self.by_class[name], self.shots, replace=False))
-        support_patients = {self.groups[i] for i in support}
+            support += list(rng.choice(self._class_index[name], self.shots, replace=False))
+        support_patients = np.unique(self._group_code[support])
         query: list[int] = []
         for name in classes:
-            pool = [i for i in self.by_class[name] if self.groups[i] not in support_patients]
+            idx = self._class_index[name]
+            pool = idx[~np.isin(self._group_code[idx], support_patients)]
             if len(pool) < self.queries:
                 return None
-            query += list(self.rng.choice(pool, self.queries, replace=False))
+            query += list(rng.choice(pool, self.queries, replace=False))
         return Episode(tuple(classes), tuple(int(i) for i in support), tuple(int(i) for i in query))
 
     def fixed(self, n: int) -> list[Episode]:
@@ -125,19 +147,245 @@ class EpisodeSampler:
         return [self.sample() for _ in range(n)]
 
 
-def save_episodes(episodes: Sequence[Episode], path: Path, item_ids: Sequence[str] | None = None) -> None:
-    """Write episodes as JSON (indices, and item ids when given, so the file is readable and checkable)."""
-    rows = []
-    for ep in episodes:
-        row = asdict(ep)
-        if item_ids is not None:
-            row["support_ids"] = [item_ids[i] for i in ep.support]
-            row["query_ids"] = [item_ids[i] for i in ep.query]
-        rows.append(row)
+# --- patient split ---------------------------------------------------------------------------------------------
+def split_patients(groups: Sequence[str], validation: float, test: float, seed: int) -> dict[str, list[str]]:
+    """Assign every group (pseudonymised patient key) to `train`, `validation` or `test`.
+
+    Groups are ranked by a seeded hash of their key, so the assignment does not depend on item order and a
+    patient keeps its part when others are added; the first `round(n * test)` are test, the next
+    `round(n * validation)` validation, the rest train.
+    """
+    unique = sorted(set(groups))
+    ranked = sorted(unique, key=lambda g: hashlib.sha256(f"{seed}\x00{g}".encode()).hexdigest())
+    n_test, n_val = round(len(ranked) * test), round(len(ranked) * validation)
+    if (test and not n_test) or (validation and not n_val) or n_test + n_val >= len(ranked):
+        raise FewscanError(f"patient split validation={validation}, test={test} cannot be made from "
+                           f"{len(ranked)} patients (each part needs at least one, and train some)")
+    return {"train": sorted(ranked[n_test + n_val:]), "validation": sorted(ranked[n_test:n_test + n_val]),
+            "test": sorted(ranked[:n_test])}
+
+
+def make_split(split_cfg: Any, classes: Sequence[str], groups: Sequence[str], seed: int) -> dict[str, Any]:
+    """The run's split: class holdout (`base`/`validation`/`novel`) plus, when configured, `patients`
+    (`train`/`validation`/`test` lists of patient keys). Written to `split.json` so evaluation reproduces it.
+
+    Args:
+        split_cfg: the `split` config section (`novel`, `validation`, `patients.validation`, `patients.test`).
+        classes: all class names of the source.
+        groups: patient keys of all labelled items.
+        seed: run seed.
+    """
+    out: dict[str, Any] = split_classes(classes, split_cfg.novel, split_cfg.validation)
+    fractions = split_cfg.patients
+    if fractions.validation or fractions.test:
+        out["patients"] = split_patients(groups, fractions.validation, fractions.test, seed)
+        out["patient_fractions"] = {"validation": fractions.validation, "test": fractions.test, "seed": seed}
+    return out
+
+
+def split_groups(split: dict[str, Any], part: str) -> set[str] | None:
+    """Patient keys that class part `part` (`base`/`validation`/`novel`) may use; None: no patient split.
+
+    Validation classes fall back to the train patients when no validation patients were split off.
+    """
+    patients = split.get("patients")
+    if not patients:
+        return None
+    name = PATIENT_PART[part]
+    if name == "validation" and not patients.get("validation"):
+        name = "train"
+    return set(patients[name])
+
+
+# --- fixed episode sets (JSON) ---------------------------------------------------------------------------------
+def episode_records(episodes: Sequence[Episode], labels: Sequence[str], groups: Sequence[str], ids: Sequence[str],
+                    split: str = "novel") -> list[dict[str, Any]]:
+    """Episodes as the JSON records of an episode file (cases class-major, support first).
+
+    Each record: `{"task": "classification", "split", "index", "classes", "ways", "shots", "queries",
+    "cases": [{"role": "support"|"query", "case_id", "patient_key", "class"}]}`.
+    """
+    records = []
+    for n, ep in enumerate(episodes):
+        cases = [{"role": role, "case_id": ids[i], "patient_key": groups[i], "class": labels[i]}
+                 for role, idx in (("support", ep.support), ("query", ep.query)) for i in idx]
+        records.append({"task": "classification", "split": split, "index": n, "classes": list(ep.classes),
+                        "ways": len(ep.classes), "shots": len(ep.support) // len(ep.classes),
+                        "queries": len(ep.query) // len(ep.classes), "cases": cases})
+    return records
+
+
+def save_episode_set(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Write an episode file (a JSON list of episode records); all-or-nothing."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.write_text(json.dumps(list(records), indent=1))
 
 
-def load_episodes(path: Path) -> list[Episode]:
-    """Read episodes written by `save_episodes`."""
-    return [Episode(tuple(r["classes"]), tuple(r["support"]), tuple(r["query"])) for r in json.loads(path.read_text())]
+def load_episode_set(path: Path) -> list[dict[str, Any]]:
+    """Read and check an episode file written by `save_episode_set` (any task)."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(path, f"cannot read episode file: {err}") from None
+    if not isinstance(records, list) or not records:
+        raise InputError(path, "an episode file is a non-empty JSON list of episodes")
+    for n, rec in enumerate(records):
+        if not isinstance(rec, dict) or "task" not in rec or not isinstance(rec.get("cases"), list):
+            raise InputError(path, f"episode {n} lacks 'task' or a 'cases' list")
+        for case in rec["cases"]:
+            if not isinstance(case, dict) or case.get("role") not in ("support", "query") or "case_id" not in case:
+                raise InputError(path, f"episode {n}: each case needs role support|query and a case_id")
+    return records
+
+
+def records_to_episodes(records: Sequence[dict[str, Any]], ids: Sequence[str], shots: int, queries: int,
+                        path: Path | str = "episodes") -> list[Episode]:
+    """Classification records -> `Episode`s indexing items by `ids`; checks counts against K and Q.
+
+    Raises:
+        InputError: a record of another task, an unknown case id, or a class with other than K support /
+            Q query cases.
+    """
+    index = {case_id: i for i, case_id in enumerate(ids)}
+    episodes = []
+    for n, rec in enumerate(records):
+        if rec["task"] != "classification" or "classes" not in rec:
+            raise InputError(path, f"episode {n} is a {rec['task']!r} episode, not classification")
+        classes = tuple(rec["classes"])
+        support, query = [], []
+        for role, out, want in (("support", support, shots), ("query", query, queries)):
+            for name in classes:
+                cases = [c for c in rec["cases"] if c["role"] == role and c.get("class") == name]
+                if len(cases) != want:
+                    raise InputError(path, f"episode {n}: {len(cases)} {role} cases of class {name!r}, but the "
+                                     f"config asks for {want}; regenerate the file with matching shots/queries")
+                for c in cases:
+                    if c["case_id"] not in index:
+                        raise InputError(path, f"episode {n}: case {c['case_id']!r} is not in this data/split")
+                    out.append(index[c["case_id"]])
+        episodes.append(Episode(classes, tuple(support), tuple(query)))
+    return episodes
+
+
+def fixed_set(labels: Sequence[str], groups: Sequence[str], ids: Sequence[str], classes: Sequence[str], ways: int,
+              shots: int, queries: int, seed: int, n: int, split: str = "novel") -> list[dict[str, Any]]:
+    """`n` seeded episode records over the items given; independent of item order (items are ranked by id)."""
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    labels, groups, ids = [labels[i] for i in order], [groups[i] for i in order], [ids[i] for i in order]
+    sampler = EpisodeSampler(labels, groups, classes, ways, shots, queries, seed=seed)
+    return episode_records(sampler.fixed(n), labels, groups, ids, split)
+
+
+def evaluation_episodes(cfg: Any, split: dict[str, Any], labels: Sequence[str], groups: Sequence[str],
+                        ids: Sequence[str], default_path: Path, episodes_file: Path | None = None) -> list[Episode]:
+    """Evaluation episodes: from `episodes_file` (copied to `default_path`), else from `default_path` when it
+    exists, else a fresh seeded set (what `python -m pipeline episodes` writes) saved there."""
+    ep = cfg.episodes
+    if episodes_file is not None:
+        records = load_episode_set(episodes_file)
+        if Path(episodes_file).resolve() != Path(default_path).resolve():
+            save_episode_set(records, default_path)
+        source: Path = Path(episodes_file)
+    elif Path(default_path).exists():
+        records, source = load_episode_set(default_path), Path(default_path)
+    else:
+        records = fixed_set(labels, groups, ids, split["novel"], ep.ways, ep.shots, ep.queries,
+                            cfg.seed + EVAL_SEED_OFFSET, ep.eval_episodes)
+        save_episode_set(records, default_path)
+        source = Path(default_path)
+    return records_to_episodes(records, ids, ep.shots, ep.queries, source)
+
+
+# --- streaming training episodes ---------------------------------------------------------------------------------
+class EpisodeDataset(IterableDataset):
+    """An endless (or `length`-long) stream of episode tensors `(sx, sy, qx, qy)` for a `DataLoader`.
+
+    Episode `i` is drawn from `default_rng([seed, i])`, and worker `w` of `W` makes episodes `w, w + W, ...`; the
+    DataLoader interleaves workers round-robin, so the stream is the same for any number of workers.
+
+    Args:
+        x: items `(M, C, *spatial)` (shared with worker processes, not copied).
+        labels, groups: class name and patient key per item.
+        classes: classes episodes may use (e.g. the base classes).
+        ways, shots, queries: N, K, Q.
+        seed: stream seed.
+        augment: optional `(batch, rng) -> batch` applied to support and query (training only).
+        length: stream end, exclusive (None: endless).
+        start: index of the first episode (resuming: skip episodes without drawing or augmenting them).
+    """
+
+    def __init__(self, x: torch.Tensor, labels: Sequence[str], groups: Sequence[str], classes: Sequence[str],
+                 ways: int, shots: int, queries: int, seed: int = 0,
+                 augment: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
+                 length: int | None = None, start: int = 0) -> None:
+        super().__init__()
+        self.x = x
+        self.sampler = EpisodeSampler(labels, groups, classes, ways, shots, queries, seed)  # checks minimums now
+        self.seed, self.augment, self.length, self.start = seed, augment, length, start
+
+    def episode(self, i: int) -> Episode:
+        """Episode number `i` of the stream."""
+        return self.sampler.sample(rng=np.random.default_rng([self.seed, i]))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        info = get_worker_info()
+        i, step = (info.id, info.num_workers) if info is not None else (0, 1)
+        i += self.start
+        s = self.sampler
+        while self.length is None or i < self.length:
+            rng = np.random.default_rng([self.seed, i, 1])
+            ep = self.episode(i)
+            sy, qy = ep.labels(s.shots, s.queries)
+            # Stacking per-item views: a fancy-index gather runs multi-threaded and crawls on a busy machine.
+            sx = torch.stack([self.x[i] for i in ep.support])
+            qx = torch.stack([self.x[i] for i in ep.query])
+            if self.augment is not None:
+                sx, qx = self.augment(sx, rng), self.augment(qx, rng)
+            yield sx, torch.as_tensor(sy), qx, torch.as_tensor(qy)
+            i += step
+
+
+def episode_loader(dataset: EpisodeDataset, workers: int = 0, prefetch: int = 2) -> DataLoader:
+    """A DataLoader over an `EpisodeDataset`: one episode per step, `workers` processes `prefetch` episodes ahead."""
+    extra = {"prefetch_factor": prefetch, "persistent_workers": True} if workers > 0 else {}
+    return DataLoader(dataset, batch_size=None, num_workers=workers, **extra)
+
+
+# --- the `episodes` verb: fixed episode files for every task ------------------------------------------------------
+# task -> (module, function(cfg, split, n) -> list of episode records)
+EPISODE_MAKERS: dict[str, tuple[str, str]] = {
+    "classification": ("pipeline.episodes", "classification_episodes"),
+    "segmentation": ("pipeline.seg_episodes", "fixed_episodes"),
+    "registration": ("pipeline.reg_episodes", "fixed_pairs"),
+}
+
+
+def classification_episodes(cfg: Any, split: str, n: int) -> list[dict[str, Any]]:
+    """`n` fixed classification episodes of class part `split` (`base`/`validation`/`novel`), exactly those
+    `evaluate` draws for a run trained with the same config and data (same seed stream, same patients)."""
+    from pipeline.data import open_source, source_split
+
+    if split not in PATIENT_PART:
+        raise FewscanError(f"classification splits are {sorted(PATIENT_PART)}, not {split!r}")
+    source = open_source(cfg)
+    parts = source_split(cfg, source)
+    if not parts[split]:
+        raise FewscanError(f"the config holds out no {split} classes (split.{split} is empty)")
+    cat = source.catalog(parts[split], split_groups(parts, split))
+    ep = cfg.episodes
+    return fixed_set(cat.labels, cat.groups, cat.ids, parts[split], ep.ways, ep.shots, ep.queries,
+                     cfg.seed + EVAL_SEED_OFFSET, n, split)
+
+
+def fixed_episodes(cfg: Any, split: str = "novel", n: int | None = None) -> list[dict[str, Any]]:
+    """Episode records for `cfg.task` (default count: `episodes.eval_episodes`), dispatched by `EPISODE_MAKERS`."""
+    import importlib
+    import importlib.util
+
+    if cfg.task not in EPISODE_MAKERS:
+        raise FewscanError(f"no fixed episode sets for task {cfg.task!r} (known: {sorted(EPISODE_MAKERS)})")
+    module_name, func = EPISODE_MAKERS[cfg.task]
+    if importlib.util.find_spec(module_name) is None or not hasattr(importlib.import_module(module_name), func):
+        raise FewscanError(f"fixed {cfg.task} episodes are not available in this version ({module_name}.{func})")
+    return getattr(importlib.import_module(module_name), func)(cfg, split, n or cfg.episodes.eval_episodes)

@@ -1,0 +1,131 @@
+"""Classification episode throughput: episodes/s with 0 and 2 DataLoader workers, and the share of a training
+step spent waiting for data (a Conv4-style encoder, ProtoNet loss, forward + backward).
+
+    .venv/bin/python benchmarks/bench_episodes.py [--data ../shared/data] [--episodes 200] [--steps 60]
+
+Sources: MedNIST (`mednist/mednist_64px_cap1000.npz`, 2D 64x64) and the synthetic TCIA cohort (24^3 crops around
+each finding; written into a temporary folder first). Each is measured without and with augmentation (the random
+part runs in the workers). Figures depend on machine load; run on an otherwise idle machine for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.config import AugmentConfig, validate  # noqa: E402
+from pipeline.data import Items, open_source  # noqa: E402
+from pipeline.encoders import conv_encoder  # noqa: E402
+from pipeline.episodes import EpisodeDataset, episode_loader  # noqa: E402
+from transforms.augment import build_augmenter  # noqa: E402
+
+WAYS, SHOTS, QUERIES = 5, 5, 5
+
+
+def mednist_items(data: Path) -> Items:
+    cfg = validate({"data": {"source": "npz", "root": str(data / "mednist" / "mednist_64px_cap1000.npz")}})
+    return open_source(cfg).items()
+
+
+def synth_items(tmp: Path, patients: int) -> Items:
+    from datasets.synth import write_cohort
+
+    write_cohort(tmp / "cohort", seed=0, n_patients=patients)
+    cfg = validate({"data": {"source": "tcia", "root": str(tmp / "cohort")}})
+    return open_source(cfg).items()
+
+
+def dataset(items: Items, augment: bool, length: int | None) -> EpisodeDataset:
+    """N-way K-shot Q-query over every class with enough items (N capped by how many there are)."""
+    aug = build_augmenter(AugmentConfig(enabled=True), items.x.ndim - 2) if augment else None
+    shots, queries = SHOTS if items.x.ndim == 4 else 2, QUERIES if items.x.ndim == 4 else 3  # small cohort: fewer
+    usable = sorted(c for c in set(items.labels) if items.labels.count(c) >= 2 * (shots + queries))
+    return EpisodeDataset(items.x, items.labels, items.groups, usable, min(WAYS, len(usable)), shots, queries,
+                          seed=0, augment=aug, length=length)
+
+
+def episodes_per_second(items: Items, workers: int, augment: bool, n: int) -> float:
+    """Episodes/s of the loader alone (worker start-up excluded: the first episode is not timed)."""
+    it = iter(episode_loader(dataset(items, augment, None), workers=workers, prefetch=4))
+    next(it)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return n / (time.perf_counter() - start)
+
+
+def wait_share(items: Items, workers: int, augment: bool, steps: int) -> tuple[float, float]:
+    """(share of step time spent waiting for the next episode, ms per step) for a Conv4-style ProtoNet step."""
+    torch.manual_seed(0)
+    encoder = conv_encoder(items.x.ndim - 2, items.x.shape[1], [32, 32, 32, 32], norm_groups=8)
+    opt = torch.optim.Adam(encoder.parameters(), lr=1e-3)
+    it = iter(episode_loader(dataset(items, augment, None), workers=workers, prefetch=4))
+    for sx, sy, qx, qy in itertools.islice(it, 2):  # warm-up: worker start, first allocations
+        _step(encoder, opt, sx, sy, qx, qy)
+    wait = total = 0.0
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sx, sy, qx, qy = next(it)
+        t1 = time.perf_counter()
+        _step(encoder, opt, sx, sy, qx, qy)
+        wait += t1 - t0
+        total += time.perf_counter() - t0
+    return wait / total, 1000 * total / steps
+
+
+def _step(encoder: torch.nn.Module, opt: torch.optim.Optimizer, sx: torch.Tensor, sy: torch.Tensor,
+          qx: torch.Tensor, qy: torch.Tensor) -> None:
+    ways = int(sy.max()) + 1
+    emb = encoder(torch.cat([sx, qx]))
+    protos = torch.stack([emb[: len(sx)][sy == k].mean(0) for k in range(ways)])
+    loss = F.cross_entropy(-torch.cdist(emb[len(sx):], protos) ** 2, qy)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("FEWSCAN_DATA", REPO.parent / "shared" /
+                                                                           "data")))
+    parser.add_argument("--episodes", type=int, default=200, help="episodes timed per loader setting")
+    parser.add_argument("--steps", type=int, default=60, help="training steps timed per setting")
+    parser.add_argument("--patients", type=int, default=24, help="synthetic cohort size")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    sources: dict[str, Items] = {}
+    if (args.data / "mednist" / "mednist_64px_cap1000.npz").is_file():
+        sources["mednist 64x64"] = mednist_items(args.data)
+    else:
+        print(f"mednist not found under {args.data}: skipped")
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        sources["synthetic 24^3 crops"] = synth_items(Path(tmp), args.patients)
+        print(f"synthetic cohort: {args.patients} patients written and cropped in {time.perf_counter() - t0:.1f} s")
+    print(f"2D: {WAYS}-way {SHOTS}-shot {QUERIES}-query; 3D: up to {WAYS}-way 2-shot 3-query; torch threads "
+          f"{torch.get_num_threads()}, cpus {os.cpu_count()}")
+    print("| source | items | ways | augment | workers | episodes/s (loader) | step ms | data wait share |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, items in sources.items():
+        for augment in (False, True):
+            for workers in (0, 2):
+                eps = episodes_per_second(items, workers, augment, args.episodes if not augment else args.episodes // 4)
+                share, ms = wait_share(items, workers, augment, args.steps)
+                ways = dataset(items, False, 1).sampler.ways
+                print(f"| {name} | {len(items.labels)} | {ways} | {'yes' if augment else 'no'} | {workers} | {eps:.0f} "
+                      f"| {ms:.0f} | {100 * share:.0f}% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
