@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,3 +26,65 @@ def mean_ci95(values: Sequence[float]) -> dict[str, float | list[float] | int]:
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     """Share of rows whose arg-max equals the label; logits `(Q, N)`, labels `(Q,)`."""
     return float((logits.argmax(-1) == labels).mean())
+
+
+# --- segmentation ------------------------------------------------------------------------------------
+# Empty-mask policy (MONAI's `ignore_empty` returns 0 rather than NaN in some versions, MONAI #7504, and calling
+# `aggregate()` twice changes results, #4172): we never call `aggregate()`; each pair is scored by a fresh
+# metric call with reduction "none", and the empty cases are decided here, explicitly:
+# - truth empty and prediction empty: Dice 1, HD95 0 (nothing to find, nothing found);
+# - exactly one of them empty: Dice 0, HD95 = the diagonal of the volume in mm (the worst possible distance),
+#   so a method that misses a structure is penalised rather than silently skipped.
+# Evaluation episodes only use queries that contain the structure, so the first case occurs only in `predict`.
+
+
+def dice_hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> tuple[float, float]:
+    """Dice and 95th-percentile Hausdorff distance (mm) of two binary masks of shape `(*S)` (2D or 3D).
+
+    Uses `monai.metrics.DiceMetric` and `HausdorffDistanceMetric(percentile=95)` with the voxel `spacing`.
+    """
+    import torch
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not p.any() or not t.any():
+        if not p.any() and not t.any():
+            return 1.0, 0.0
+        return 0.0, float(np.linalg.norm(np.asarray(p.shape) * np.asarray(spacing)))
+    yp = torch.from_numpy(p[None, None].astype(np.float32))
+    yt = torch.from_numpy(t[None, None].astype(np.float32))
+    with warnings.catch_warnings():  # MONAI 1.6 warns about its own deprecated internal argument on every call
+        warnings.simplefilter("ignore", FutureWarning)
+        dice = DiceMetric(include_background=True, reduction="none")(yp, yt)
+        hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+            yp, yt, spacing=[float(s) for s in spacing])
+    return float(dice.item()), float(hd.item())
+
+
+# --- classification ----------------------------------------------------------------------------------
+def balanced_accuracy(pred: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
+    """Mean per-class recall over the classes present in `labels`; pred and labels `(Q,)` in `0..N-1`."""
+    recalls = [float((pred[labels == k] == k).mean()) for k in range(n_classes) if (labels == k).any()]
+    return float(np.mean(recalls))
+
+
+def binary_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic (ties count half); NaN when one side is empty."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def macro_auc(probs: np.ndarray, labels: np.ndarray) -> float:
+    """One-vs-rest ROC AUC from probabilities `(Q, N)`, averaged over the classes present in `labels`."""
+    aucs = [binary_auc(probs[:, k], labels == k) for k in range(probs.shape[1])]
+    return float(np.nanmean(aucs))
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts `(N, N)`: row = true class, column = predicted class."""
+    out = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(out, (true, pred), 1)
+    return out

@@ -45,3 +45,79 @@ def plot_accuracy(per_episode: dict[str, list[float]], chance: float, path: Path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+# --- segmentation ------------------------------------------------------------------------------------
+def plot_dice_boxes(per_method: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Box plot of per-episode Dice: one group per structure, one box per method."""
+    import numpy as np
+
+    methods = list(per_method)
+    structures = sorted({s for m in per_method.values() for s in m})
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(structures) * max(1, len(methods)) / 2), 3.8))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        pos = np.arange(len(structures)) + (i - (len(methods) - 1) / 2) * width
+        data = [per_method[method].get(s, []) or [np.nan] for s in structures]
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showmeans=True)
+        for box in bp["boxes"]:
+            box.set_facecolor(f"C{i}")
+            box.set_alpha(0.6)
+        ax.plot([], [], color=f"C{i}", linewidth=6, alpha=0.6, label=method)
+    ax.set_xticks(range(len(structures)), structures, rotation=20)
+    ax.set(ylabel="Dice per episode", ylim=(0, 1.02), title="held-out structures over evaluation episodes")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def plot_overlay(support: Any, support_mask: Any, query: Any, truth: Any, pred: Any, title: str,
+                 path: Path) -> None:
+    """Four panels on one axial slice each: support + mask, query, query + prediction, query + ground truth.
+
+    Arrays are 2D `(I, J)` slices (RAS: I to the right, J anterior), shown with anterior up.
+    """
+    import numpy as np
+
+    def show(ax: Any, img: Any, mask: Any, name: str, colour: str) -> None:
+        ax.imshow(np.rot90(img), cmap="gray", vmin=0, vmax=1)
+        if mask is not None and np.any(mask):
+            ax.contour(np.rot90(mask.astype(float)), levels=[0.5], colors=colour, linewidths=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+
+    fig, axes = plt.subplots(1, 4, figsize=(11, 3.2))
+    show(axes[0], support, support_mask, "support + mask", "yellow")
+    show(axes[1], query, None, "query", "yellow")
+    show(axes[2], query, pred, "prediction", "red")
+    show(axes[3], query, truth, "ground truth", "lime")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+# --- classification ----------------------------------------------------------------------------------
+def plot_confusion(matrix: Any, classes: list[str], path: Path, title: str = "novel-class confusion") -> None:
+    """Row-normalised confusion matrix (rows: true class) with the raw counts written in each cell."""
+    import numpy as np
+
+    counts = np.asarray(matrix, dtype=float)
+    norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = max(3.5, 0.7 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

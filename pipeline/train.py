@@ -1,17 +1,23 @@
-"""Meta-training: sample base-class episodes, step the optimiser, write the run directory.
+"""Meta-training: meta-batches of base-class episodes, validation, checkpoints, exact resume, early stopping.
 
-Run directory: `config.yaml` (resolved), `manifest.csv`, `split.json`, `untrained.safetensors` (the seeded
-initial weights, the baseline every report compares against), `model.safetensors`, `state.json`,
-`curves.json` and `learning_curve.png`.
+Run directory (rank 0 writes): `config.yaml` (resolved), `manifest.csv` (TCIA sources), `split.json`,
+`untrained.safetensors` (the seeded initial weights, the baseline every report compares against),
+`model.safetensors` (the best validation weights, else the last), `state.json`, `curves.json`,
+`learning_curve.png`, `tensorboard/` (scalars), and the checkpoints `last/` and `best/`, each
+`model.safetensors` + `optimizer.safetensors` + `state.json` (iteration, RNG states, optimiser settings,
+curves, config, split). Training episodes are a pure function of their index (`EpisodeDataset`), so a resume
+from `last/` replays exactly the episodes an uninterrupted run would have seen, and gives identical weights.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,15 +27,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from datasets.volume import atomic_path
-from pipeline.config import Config, to_dict
-from pipeline.data import Items, open_source
+from datasets.volume import FewscanError, atomic_path
+from pipeline import distributed
+from pipeline.config import Config, to_dict, validate
+from pipeline.data import Items, open_source, source_split
 from pipeline.encoders import build_encoder
-from pipeline.episodes import Episode, EpisodeSampler, split_classes
+from pipeline.episodes import Episode, EpisodeDataset, EpisodeSampler, episode_loader, split_groups
 from pipeline.methods import build_method
 from pipeline.report import plot_curves, write_json
 
 log = logging.getLogger(__name__)
+
+VAL_SEED_OFFSET = 500_009  # validation episodes: their own fixed seed stream
 
 
 def seed_everything(seed: int) -> None:
@@ -46,18 +55,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model(cfg: Config) -> nn.Module:
-    """Encoder wrapped by the configured method, initialised from `cfg.seed`."""
+def build_model(cfg: Config, n_base: int = 1) -> nn.Module:
+    """Encoder wrapped by the configured method, initialised from `cfg.seed`; `n_base` sizes a fine-tune head."""
     torch.manual_seed(cfg.seed)
-    return build_method(cfg, build_encoder(cfg.model, in_channels=1))
+    return build_method(cfg, build_encoder(cfg.model), n_base)
 
 
 def episode_batch(items: Items, ep: Episode, shots: int, queries: int,
                   device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Tensors of one episode: support `(N*K, 1, *roi)`, support labels `(N*K,)`, query, query labels."""
+    """Tensors of one episode: support `(N*K, C, *spatial)`, support labels `(N*K,)`, query, query labels."""
     sy, qy = ep.labels(shots, queries)
-    return (items.x[list(ep.support)].to(device), torch.as_tensor(sy, device=device),
-            items.x[list(ep.query)].to(device), torch.as_tensor(qy, device=device))
+    # stacking per-item views is much cheaper than a fancy-index gather on a loaded CPU (benchmarks/README.md)
+    sx, qx = torch.stack([items.x[i] for i in ep.support]), torch.stack([items.x[i] for i in ep.query])
+    return (sx.to(device), torch.as_tensor(sy, device=device), qx.to(device), torch.as_tensor(qy, device=device))
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -72,65 +82,244 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
-def train(cfg: Config, run_dir: Path) -> Path:
-    """Meta-train on the base classes; returns the run directory."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.train.device)
-    with atomic_path(run_dir / "config.yaml") as tmp:
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+# --- checkpoints ---------------------------------------------------------------------------------------------
+def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`folder/model.safetensors`, `optimizer.safetensors` (tensors) and `state.json` (everything else)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_weights(model, folder / "model.safetensors")
+    opt_state = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous().clone() for i, s in opt_state["state"].items()
+               for k, v in s.items() if torch.is_tensor(v)}
+    with atomic_path(folder / "optimizer.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().tolist()}
+    rng["numpy"] = [rng["numpy"][0], rng["numpy"][1].tolist(), *rng["numpy"][2:]]
+    write_json({**state, "rng": rng, "optimizer": {"param_groups": opt_state["param_groups"]}},
+               folder / "state.json")
 
-    source = open_source(cfg, run_dir)
-    split = split_classes(source.classes, cfg.split.novel, cfg.split.validation)
-    write_json(split, run_dir / "split.json")
-    log.info("classes: base %s | novel %s", split["base"], split["novel"])
-    items = source.items(split["base"])
 
-    model = build_model(cfg).to(device)
-    save_weights(model, run_dir / "untrained.safetensors")
-    ep_cfg = cfg.episodes
-    ways = cfg.train.ways or ep_cfg.ways
-    sampler = EpisodeSampler(items.labels, items.groups, split["base"], ways, ep_cfg.shots, ep_cfg.queries,
-                             seed=cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimiser and RNG states written by `save_checkpoint`; returns its state mapping."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        load_weights(model, folder / "model.safetensors")
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+    except (OSError, ValueError, RuntimeError) as err:
+        raise FewscanError(f"{folder}: cannot resume from this checkpoint ({err})") from None
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    rng = state["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    return state
 
-    curves: dict[str, list[float]] = {"iteration": [], "loss": [], "accuracy": []}
-    window_loss, window_acc = [], []
-    start = time.perf_counter()
+
+# --- one meta-iteration ----------------------------------------------------------------------------------------
+def meta_step(model: nn.Module, tasks: list[tuple[torch.Tensor, ...]], n_way: int, cfg: Config,
+              world: distributed.World) -> tuple[float, float, float]:
+    """Accumulate this rank's share of the meta-batch gradient; returns (loss sum, correct, queries) of its tasks.
+
+    `tasks`: the whole meta-batch, each `(sx, sy, qx, qy, classes)` on the device; this rank takes
+    `world.mine(len(tasks))`. Each task's loss is divided by the meta-batch size, so gradients summed over
+    tasks and ranks are the meta-batch mean.
+    """
+    mine = [tasks[t] for t in world.mine(len(tasks))]
+    loss_sum = correct = count = 0.0
+    if not mine:
+        return loss_sum, correct, count
+    if cfg.method.vmap and hasattr(model, "vmap_task_losses"):
+        sx, sy, qx, qy = (torch.stack([t[i] for t in mine]) for i in range(4))
+        losses, logits = model.vmap_task_losses(sx, sy, qx, qy, n_way)
+        (losses.sum() / len(tasks)).backward()
+        return (float(losses.detach().sum()), float((logits.argmax(-1) == qy).sum()), float(qy.numel()))
+    for sx, sy, qx, qy, classes in mine:
+        out = model.task_loss(sx, sy, qx, qy, n_way, classes=classes)
+        (out.loss / len(tasks)).backward()
+        loss_sum += float(F.cross_entropy(out.logits.detach(), qy))
+        correct += float((out.logits.argmax(-1) == qy).sum())
+        count += qy.numel()
+    return loss_sum, correct, count
+
+
+@torch.no_grad()
+def validate_accuracy(model: nn.Module, items: Items, episodes: list[Episode], cfg: Config,
+                      device: torch.device, world: distributed.World) -> float:
+    """Mean query accuracy over fixed validation episodes (shared across ranks)."""
+    model.eval()
+    total = 0.0
+    for k in world.mine(len(episodes)):
+        ep = episodes[k]
+        sx, sy, qx, qy = episode_batch(items, ep, cfg.episodes.shots, cfg.episodes.queries, device)
+        total += float((model(sx, sy, qx, len(ep.classes)).argmax(-1) == qy).float().mean())
     model.train()
-    bar = tqdm(range(cfg.train.iterations), desc="meta-training", unit="episode")
-    for it in bar:
-        sx, sy, qx, qy = episode_batch(items, sampler.sample(), ep_cfg.shots, ep_cfg.queries, device)
-        logits = model(sx, sy, qx, ways)
-        loss = F.cross_entropy(logits, qy)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        window_loss.append(loss.item())
-        window_acc.append((logits.argmax(-1) == qy).float().mean().item())
-        if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
-            curves["iteration"].append(it + 1)
-            curves["loss"].append(float(np.mean(window_loss)))
-            curves["accuracy"].append(float(np.mean(window_acc)))
-            bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}", acc=f"{curves['accuracy'][-1]:.2f}")
-            window_loss, window_acc = [], []
+    return all_sum([total], world)[0] / len(episodes)
 
-    save_weights(model, run_dir / "model.safetensors")
-    write_json({"iterations": cfg.train.iterations, "seconds": time.perf_counter() - start,
-                "device": str(device), "items": len(items.labels)}, run_dir / "state.json")
-    write_json(curves, run_dir / "curves.json")
-    if curves["iteration"]:
-        plot_curves(curves, run_dir / "learning_curve.png")
+
+def all_sum(values: list[float], world: distributed.World) -> list[float]:
+    return distributed.all_reduce_sum(values, world)
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
+def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None = None) -> Path:
+    """Meta-train on the base classes; returns the run directory.
+
+    Args:
+        cfg: the run config.
+        run_dir: output folder; when it holds `last/state.json`, training resumes from there.
+        resume: require a checkpoint to resume from (error when there is none).
+        stop_at: stop after this iteration as if interrupted (writes `last/`; for tests and time-boxed runs).
+    """
+    world, device = distributed.init(pick_device(cfg.train.device))
+    last = run_dir / "last"
+    resuming = (last / "state.json").is_file()
+    if resume and not resuming:
+        raise FewscanError(f"{run_dir}: nothing to resume (no last/state.json)")
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+
+    source = open_source(cfg, run_dir if world.main else None)
+    split = json.loads((run_dir / "split.json").read_text()) if resuming else source_split(cfg, source)
+    items = source.items(split["base"], split_groups(split, "base"))
+    val_ways = min(cfg.episodes.ways, len(split["validation"]))
+    if cfg.train.val_every and split["validation"] and val_ways < 2:
+        log.warning("validation skipped: it needs at least 2 validation classes, got %s", split["validation"])
+    val_items = (source.items(split["validation"], split_groups(split, "validation"))
+                 if val_ways >= 2 and cfg.train.val_every else None)
+    cfg.model.in_channels = int(items.x.shape[1])  # the data decides; recorded in config.yaml
+    if world.main:
+        write_json(split, run_dir / "split.json")
+        with atomic_path(run_dir / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log.info("classes: base %s | validation %s | novel %s", split["base"], split["validation"], split["novel"])
+
+    model = build_model(cfg, n_base=len(split["base"])).to(device)
+    if world.main and not resuming:
+        save_weights(model, run_dir / "untrained.safetensors")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    ep_cfg, tr = cfg.episodes, cfg.train
+    ways = tr.ways or ep_cfg.ways
+    meta_batch = cfg.method.meta_batch
+
+    state: dict[str, Any] = {"iteration": 0, "best": None, "best_iteration": None, "bad_validations": 0,
+                             "curves": {"iteration": [], "loss": [], "accuracy": [], "val_iteration": [],
+                                        "val_accuracy": []}, "window": [0.0, 0.0, 0.0, 0], "seconds": 0.0}
+    if resuming:
+        state.update(load_checkpoint(last, model, opt))
+        log.info("resuming from %s at iteration %d", last, state["iteration"])
+    distributed.broadcast_params(model, world)
+
+    from transforms.augment import build_augmenter
+
+    augment = build_augmenter(cfg.transforms.augment, items.x.ndim - 2)
+    dataset = EpisodeDataset(items.x, items.labels, items.groups, split["base"], ways, ep_cfg.shots,
+                             ep_cfg.queries, seed=cfg.seed, augment=augment)
+    base_index = {name: i for i, name in enumerate(split["base"])}
+    start = state["iteration"]
+    # Episode i of the stream is fixed by (seed, i): skipping to the resume point replays the same stream.
+    stream = itertools.islice(iter(episode_loader(dataset, ep_cfg.workers, ep_cfg.prefetch)),
+                              start * meta_batch, None)
+    val_episodes = (EpisodeSampler(val_items.labels, val_items.groups, split["validation"], val_ways,
+                                   ep_cfg.shots, ep_cfg.queries, seed=cfg.seed + VAL_SEED_OFFSET)
+                    .fixed(tr.val_episodes) if val_items is not None else [])
+
+    writer = None
+    if world.main and tr.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
+    curves = state["curves"]
+    began = time.perf_counter() - state["seconds"]
+    end = tr.iterations if stop_at is None else min(stop_at, tr.iterations)
+    model.train()
+    bar = tqdm(range(start, end), desc="meta-training", unit="it", disable=not world.main, initial=start,
+               total=tr.iterations)
+    stopped_early = False
+
+    def checkpoint(it: int) -> None:
+        state.update(iteration=it, seconds=time.perf_counter() - began)
+        if world.main:
+            save_checkpoint(last, model, opt, {**state, "config": to_dict(cfg), "split": split})
+
+    for it in bar:
+        tasks = []
+        for t in range(meta_batch):
+            sx, sy, qx, qy = next(stream)
+            classes = dataset.episode(it * meta_batch + t).classes
+            tasks.append((sx.to(device), sy.to(device), qx.to(device), qy.to(device),
+                          torch.tensor([base_index[c] for c in classes], device=device)))
+        opt.zero_grad(set_to_none=True)
+        loss_sum, correct, count = meta_step(model, tasks, ways, cfg, world)
+        distributed.all_reduce_grads(model, world)
+        opt.step()
+        loss_sum, correct, count = all_sum([loss_sum, correct, count], world)
+        w = state["window"]
+        state["window"] = [w[0] + loss_sum, w[1] + correct, w[2] + count, w[3] + meta_batch]
+        done = it + 1
+        if done % tr.log_every == 0 or done == tr.iterations:
+            w = state["window"]
+            curves["iteration"].append(done)
+            curves["loss"].append(w[0] / max(w[3], 1))
+            curves["accuracy"].append(w[1] / max(w[2], 1))
+            state["window"] = [0.0, 0.0, 0.0, 0]
+            bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}", acc=f"{curves['accuracy'][-1]:.2f}")
+            if writer:
+                writer.add_scalar("train/loss", curves["loss"][-1], done)
+                writer.add_scalar("train/accuracy", curves["accuracy"][-1], done)
+        if val_episodes and (done % tr.val_every == 0 or done == tr.iterations):
+            acc = validate_accuracy(model, val_items, val_episodes, cfg, device, world)
+            curves["val_iteration"].append(done)
+            curves["val_accuracy"].append(acc)
+            if writer:
+                writer.add_scalar("validation/accuracy", acc, done)
+            if state["best"] is None or acc > state["best"]:
+                state.update(best=acc, best_iteration=done, bad_validations=0)
+                if world.main:
+                    save_checkpoint(run_dir / "best", model, opt, {**state, "iteration": done})
+            else:
+                state["bad_validations"] += 1
+                if tr.patience and state["bad_validations"] >= tr.patience:
+                    log.info("early stop at iteration %d: no validation gain in %d checks (best %.3f at %d)",
+                             done, tr.patience, state["best"], state["best_iteration"])
+                    stopped_early = True
+        if done % tr.checkpoint_every == 0 or done == end or stopped_early:
+            checkpoint(done)
+        if stopped_early:
+            break
+    bar.close()
+    if writer:
+        writer.close()
+
+    finished = stopped_early or state["iteration"] >= tr.iterations or start >= tr.iterations
+    if world.main and finished:
+        best = run_dir / "best" / "model.safetensors"
+        final = best if best.is_file() else last / "model.safetensors"
+        if final.is_file():
+            with atomic_path(run_dir / "model.safetensors") as tmp:
+                tmp.write_bytes(final.read_bytes())
+        else:  # zero iterations: the untrained weights are the model
+            save_weights(model, run_dir / "model.safetensors")
+        write_json({"iterations": state["iteration"], "stopped_early": stopped_early, "best": state["best"],
+                    "best_iteration": state["best_iteration"], "seconds": time.perf_counter() - began,
+                    "device": str(device), "processes": world.size, "items": len(items.labels),
+                    "item_shape": list(items.x.shape[1:])},
+                   run_dir / "state.json")
+        write_json(curves, run_dir / "curves.json")
+        if curves["iteration"]:
+            plot_curves(curves, run_dir / "learning_curve.png")
+    distributed.finish(world)
     return run_dir
 
 
 def load_run_config(run_dir: Path) -> Config:
     """The resolved config a run was trained with."""
-    from pipeline.config import validate
-
     return validate(yaml.safe_load((run_dir / "config.yaml").read_text()), source=str(run_dir / "config.yaml"))
 
 
-def read_split(run_dir: Path) -> dict[str, list[str]]:
-    """The class split written at training time."""
+def read_split(run_dir: Path) -> dict[str, Any]:
+    """The class (and patient) split written at training time."""
     return json.loads((run_dir / "split.json").read_text())

@@ -38,3 +38,17 @@ def test_mean_ci95_matches_t_interval() -> None:
     half = 3.182446305284263 * np.std(x, ddof=1) / 2  # t(0.975, df=3)
     assert np.isclose(out["mean"], 0.65) and np.allclose(out["ci95"], [0.65 - half, 0.65 + half])
     assert mean_ci95([0.3])["ci95"] == [0.3, 0.3]
+
+
+def test_classification_metrics_by_hand() -> None:
+    from pipeline.metrics import balanced_accuracy, binary_auc, confusion_matrix, macro_auc
+
+    y = np.array([0, 0, 0, 1])
+    pred = np.array([0, 0, 1, 1])
+    assert balanced_accuracy(pred, y, 2) == (2 / 3 + 1) / 2
+    # scores of the positives (0.9, 0.4) vs negatives (0.5, 0.1): pairs won 1 + 0.5*0 ... = 3 of 4
+    assert binary_auc(np.array([0.9, 0.5, 0.4, 0.1]), np.array([True, False, True, False])) == 0.75
+    assert binary_auc(np.array([0.5, 0.5]), np.array([True, False])) == 0.5  # ties count half
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
+    assert macro_auc(probs, np.array([0, 0, 1, 1])) == 1.0
+    assert confusion_matrix(y, pred, 2).tolist() == [[2, 1], [0, 1]]

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.methods.base import FewShotMethod, State
+
 
 def prototypes(support: Tensor, labels: Tensor, n_way: int) -> Tensor:
     """Class means of support embeddings.
@@ -30,7 +32,7 @@ def proto_logits(query: Tensor, protos: Tensor, distance: str = "euclidean") -> 
     return -torch.cdist(query, protos).pow(2)
 
 
-class ProtoNet(nn.Module):
+class ProtoNet(FewShotMethod):
     """ProtoNet head over any encoder mapping `(B, C, *spatial)` to `(B, D)`."""
 
     def __init__(self, encoder: nn.Module, distance: str = "euclidean") -> None:
@@ -44,3 +46,13 @@ class ProtoNet(nn.Module):
         z = self.encoder(torch.cat([support_x, query_x]))
         protos = prototypes(z[: len(support_x)], support_y, n_way)
         return proto_logits(z[len(support_x):], protos, self.distance)
+
+    logits_for_training = forward
+
+    def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> State:
+        """`{"prototypes": (N, D)}` (detached)."""
+        with torch.no_grad():
+            return {"prototypes": prototypes(self.encoder(support_x), support_y, n_way)}
+
+    def predict(self, state: State, query_x: Tensor) -> Tensor:
+        return proto_logits(self.encoder(query_x), state["prototypes"], self.distance)

@@ -1,0 +1,151 @@
+"""The functional inner loop: hand-computed MAML gradients, first vs second order, Meta-SGD, Reptile, vmap."""
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.encoders import conv_encoder
+from pipeline.methods.maml import MAML, adapt, adapt_functional, adapt_inference, call, vmap_task_losses
+from pipeline.methods.metasgd import MetaSGD
+from pipeline.methods.reptile import Reptile
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread while these tests run (restored after): tiny models on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def linear_case(first_order: bool) -> tuple[float, float]:
+    """Two inner steps on f(x) = w x with squared loss; returns (autograd meta-gradient, hand-derived one)."""
+    model = nn.Linear(1, 1, bias=False)
+    w0, a, xs, ys, xq, yq = 0.5, 0.1, 2.0, 1.0, 3.0, -1.0
+    with torch.no_grad():
+        model.weight.fill_(w0)
+    params = dict(model.named_parameters())
+
+    def support(p: dict) -> torch.Tensor:
+        return 0.5 * (call(model, p, torch.tensor([[xs]])) - ys).pow(2).sum()
+
+    fast = adapt(params, support, steps=2, lr=a, first_order=first_order)
+    (0.5 * (call(model, fast, torch.tensor([[xq]])) - yq).pow(2).sum()).backward()
+    # by hand: each step w <- w (1 - a xs^2) + a xs ys, so dw2/dw0 = (1 - a xs^2)^2
+    c = 1 - a * xs**2
+    w1 = w0 * c + a * xs * ys
+    w2 = w1 * c + a * xs * ys
+    outer = (w2 * xq - yq) * xq
+    return model.weight.grad.item(), outer * (1.0 if first_order else c**2)
+
+
+def test_second_order_matches_hand_computed_gradient() -> None:
+    got, want = linear_case(first_order=False)
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_first_order_matches_its_formula_and_differs_from_second_order() -> None:
+    got_fo, want_fo = linear_case(first_order=True)
+    got_so, _ = linear_case(first_order=False)
+    assert got_fo == pytest.approx(want_fo, rel=1e-6)
+    assert abs(got_fo - got_so) > 0.1
+
+
+def tiny_encoder(norm: str = "group") -> nn.Module:
+    return conv_encoder(2, 1, [4, 4], norm_groups=2, norm=norm)
+
+
+def episode(n: int = 2, k: int = 2, q: int = 2, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n * k, 1, size, size, generator=g), torch.arange(n).repeat_interleave(k),
+            torch.randn(n * q, 1, size, size, generator=g), torch.arange(n).repeat_interleave(q))
+
+
+def test_metasgd_step_sizes_receive_gradients_in_both_orders() -> None:
+    for first_order in (False, True):
+        torch.manual_seed(0)
+        net = MetaSGD(tiny_encoder(), max_ways=2, inner_steps=2, inner_lr=0.1, first_order=first_order)
+        net.task_loss(*episode(), n_way=2).loss.backward()
+        grads = [lr.grad for lr in net.lrs]
+        assert all(g is not None for g in grads)
+        assert sum(g.abs().sum().item() for g in grads) > 0
+        assert all(g.shape == p.shape for g, p in zip(grads, net.net.parameters(), strict=True))
+
+
+def test_reptile_moves_weights_toward_adapted_weights() -> None:
+    torch.manual_seed(0)
+    net = Reptile(tiny_encoder(), max_ways=2, inner_steps=3, inner_lr=0.1)
+    sx, sy, qx, qy = episode()
+    before = {k: v.detach().clone() for k, v in net.net.named_parameters()}
+    phi = adapt(net.params(), net.support_loss(torch.cat([sx, qx]), torch.cat([sy, qy]), 2), 3, 0.1,
+                first_order=True)
+    eps = 0.25
+    opt = torch.optim.SGD(net.parameters(), lr=eps)
+    net.task_loss(sx, sy, qx, qy, 2).loss.backward()
+    opt.step()
+    for k, v in net.net.named_parameters():
+        # theta <- theta + eps (phi - theta)
+        assert torch.allclose(v, before[k] + eps * (phi[k].detach() - before[k]), atol=1e-6)
+    dist_before = sum((before[k] - phi[k]).pow(2).sum() for k in before)
+    dist_after = sum((v - phi[k]).pow(2).sum() for k, v in net.net.named_parameters())
+    assert dist_after < dist_before
+
+
+def test_inference_adaptation_builds_no_outer_graph_and_matches_training_values() -> None:
+    torch.manual_seed(0)
+    net = MAML(tiny_encoder(), max_ways=2, inner_steps=3, inner_lr=0.2)
+    sx, sy, qx, _ = episode()
+    loss_fn = net.support_loss(sx, sy, 2)
+    with torch.no_grad():
+        fast = adapt_inference(net.params(), loss_fn, 3, 0.2)
+    assert all(v.grad_fn is None and not v.requires_grad for v in fast.values())
+    ref = adapt(net.params(), loss_fn, 3, 0.2)
+    assert all(torch.allclose(fast[k], ref[k], atol=1e-6) for k in ref)
+    with torch.no_grad():
+        logits = net(sx, sy, qx, 2)
+    assert logits.shape == (4, 2) and logits.grad_fn is None
+
+
+def meta_grads(net: MAML, batch: tuple[torch.Tensor, ...], use_vmap: bool) -> list[torch.Tensor]:
+    net.zero_grad()
+    if use_vmap:
+        net.vmap_task_losses(*batch, n_way=2)[0].sum().backward()
+    else:
+        sum(net.task_loss(*(b[t] for b in batch), n_way=2).loss for t in range(len(batch[0]))).backward()
+    return [p.grad.clone() for p in net.net.parameters()]
+
+
+@pytest.mark.parametrize(("norm", "first_order"), [("group", False), ("group", True), ("batch", True)])
+def test_vmap_over_tasks_matches_per_task_loop(norm: str, first_order: bool) -> None:
+    torch.manual_seed(0)
+    net = MAML(tiny_encoder(norm), max_ways=2, inner_steps=2, inner_lr=0.3, first_order=first_order)
+    tasks = [episode(seed=s) for s in range(3)]
+    batch = tuple(torch.stack([t[i] for t in tasks]) for i in range(4))
+    loop, vect = meta_grads(net, batch, False), meta_grads(net, batch, True)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(loop, vect, strict=True))
+
+
+def test_functional_and_autograd_inner_loops_agree() -> None:
+    torch.manual_seed(0)
+    net = MAML(tiny_encoder(), max_ways=2)
+    sx, sy, _, _ = episode()
+    a = adapt(net.params(), net.support_loss(sx, sy, 2), 2, 0.3)
+    b = adapt_functional(net.params(), net.support_loss(sx, sy, 2), 2, 0.3)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert vmap_task_losses(lambda p, x: F.cross_entropy(call(net.net, p, x), sy), net.params(),
+                            sx[None].repeat(2, 1, 1, 1, 1)).shape == (2,)
+
+
+def test_channels_last_layout_gives_the_same_meta_gradients() -> None:
+    grads = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        net = MAML(tiny_encoder(), max_ways=2, inner_steps=2, inner_lr=0.3, channels_last=channels_last)
+        net.task_loss(*episode(), n_way=2).loss.backward()
+        grads.append([p.grad for p in net.net.parameters()])
+    assert net.channels_last and net.net[0][0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))

@@ -1,0 +1,91 @@
+"""Meta-training loop on a tiny npz source: run-directory contract, validation, exact resume, early stop."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.config import load_config
+from pipeline.train import train
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread while these tests run (restored after): tiny models on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_npz(path: Path, n_classes: int = 7, per_class: int = 6, size: int = 16) -> Path:
+    """Class c: a bright square at a class-specific position, plus noise (uint8, like MedMNIST)."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for c in range(n_classes):
+        for _ in range(per_class):
+            img = rng.integers(0, 60, (size, size))
+            r, col = divmod(c * 3, size - 4)
+            img[r:r + 4, col:col + 4] = 250
+            images.append(img)
+            labels.append(c)
+    np.savez(path, images=np.asarray(images, np.uint8), labels=np.asarray(labels),
+             class_names=np.asarray([f"c{c}" for c in range(n_classes)]))
+    return path
+
+
+def tiny_config(tmp_path: Path, *overrides: str):
+    npz = tiny_npz(tmp_path / "tiny.npz")
+    return load_config(REPO / "configs" / "classify_npz.yaml", [
+        f"data.root={npz}", "split.novel=[c5, c6]", "split.validation=[c3, c4]", "model.encoder=conv4_2d",
+        "model.filters=4", "model.norm_groups=2", "ways=2", "shots=1", "queries=2", "episodes.eval_episodes=4",
+        "train.iterations=4", "train.log_every=2", "train.val_every=2", "train.val_episodes=2",
+        "train.checkpoint_every=2", "train.device=cpu", *overrides])
+
+
+def test_resume_gives_identical_weights(tmp_path: Path) -> None:
+    overrides = ["method.name=maml", "method.inner_steps=1", "method.meta_batch=2"]
+    full = train(tiny_config(tmp_path, *overrides), tmp_path / "full")
+    part = tmp_path / "part"
+    train(tiny_config(tmp_path, *overrides), part, stop_at=2)
+    assert not (part / "model.safetensors").exists()  # an interrupted run has no final model yet
+    train(tiny_config(tmp_path, *overrides), part, resume=True)
+    for name in ["last/model.safetensors", "model.safetensors", "best/model.safetensors"]:
+        a, b = load_file(str(full / name)), load_file(str(part / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert (full / "curves.json").read_text() == (part / "curves.json").read_text()
+
+
+def curves_val(run: Path) -> int:
+    import json
+
+    return len(json.loads((run / "curves.json").read_text())["val_accuracy"])
+
+
+def test_run_directory_contract_and_early_stop(tmp_path: Path) -> None:
+    run = train(tiny_config(tmp_path, "train.lr=1e-12", "train.patience=1", "train.iterations=8"), tmp_path / "run")
+    for name in ["config.yaml", "split.json", "untrained.safetensors", "model.safetensors", "curves.json",
+                 "learning_curve.png", "state.json", "last/state.json", "last/optimizer.safetensors",
+                 "best/model.safetensors"]:
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").iterdir())
+    import json
+
+    state = json.loads((run / "state.json").read_text())
+    # lr ~ 0: validation accuracy cannot improve after the first check, so patience 1 stops at the second
+    assert state["stopped_early"] and state["iterations"] == 4 and curves_val(run) == 2
+
+
+def test_vmap_meta_batch_trains_like_the_task_loop(tmp_path: Path) -> None:
+    runs = []
+    for vmap in ("false", "true"):
+        cfg = tiny_config(tmp_path, "method.name=maml", "method.inner_steps=1", "method.meta_batch=2",
+                          f"method.vmap={vmap}", "train.iterations=1", "train.val_every=0")
+        runs.append(load_file(str(train(cfg, tmp_path / f"vmap_{vmap}") / "model.safetensors")))
+    assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
