@@ -1,0 +1,1 @@
+"""Classical (non-learned) baselines reported side by side with the learned methods."""

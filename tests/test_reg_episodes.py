@@ -1,0 +1,79 @@
+"""Registration pairs: same task on both sides, patients held out, seeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import validate
+from pipeline.reg_episodes import fixed_pairs, roles, write_synthetic_decathlon
+
+
+@pytest.fixture(scope="module")
+def two_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("reg")
+    a = write_synthetic_decathlon(base / "a", n_cases=10, shape=(8, 8, 8), seed=0, name="Brain", modality="MRI")
+    b = write_synthetic_decathlon(base / "b", n_cases=4, shape=(8, 8, 8), seed=1, name="Liver", modality="CT")
+    return a, b
+
+
+def cfg_for(root: Path, extra: Path | None = None, seed: int = 0, **reg):
+    return validate({"task": "registration", "seed": seed, "data": {"source": "decathlon", "root": str(root)},
+                     "registration": {"adapt_patients": 2, "test_patients": 0.5,
+                                      "extra_roots": [str(extra)] if extra else [], **reg}})
+
+
+def test_pairs_share_modality_and_anatomy(two_folders) -> None:
+    a, b = two_folders
+    pairs = fixed_pairs(cfg_for(a, b), "train", 200)
+    assert {p["anatomy"] for p in pairs} == {"Brain", "Liver"}
+    for p in pairs:
+        moving, fixed = roles(p)
+        # both images come from the folder (anatomy) of the pair's task, in its modality
+        folder = a if p["anatomy"] == "Brain" else b
+        assert Path(moving["image"]).parent.parent == folder.resolve() == Path(fixed["image"]).parent.parent
+        assert p["modality"] == ("MRI" if p["anatomy"] == "Brain" else "CT")
+        assert moving["patient_key"] != fixed["patient_key"] and p["inter_subject"]
+        assert moving["label"] and fixed["label"]
+        assert "synth" not in moving["patient_key"]  # salted hash, not the case name
+
+
+def test_held_out_patients_never_appear_in_training_pairs(two_folders) -> None:
+    a, b = two_folders
+    cfg = cfg_for(a, b)
+    keys = {split: {c["patient_key"] for p in fixed_pairs(cfg, split, 500) for c in p["cases"]}
+            for split in ("train", "adapt", "eval")}
+    assert keys["eval"] and keys["adapt"] and keys["train"]
+    assert not keys["eval"] & keys["train"]
+    assert not keys["adapt"] & keys["train"]
+    assert not keys["adapt"] & keys["eval"]
+    assert len(keys["adapt"]) == 2 and len(keys["eval"]) == 3  # 10 patients, half held out, 2 to adapt
+
+
+def test_same_seed_same_pairs_other_seed_other_pairs(two_folders) -> None:
+    a, _ = two_folders
+    first = fixed_pairs(cfg_for(a), "eval", 6)
+    assert first == fixed_pairs(cfg_for(a), "eval", 6)
+    assert len(first) == 6
+    assert [roles(p)[0]["case_id"] for p in first] != [roles(p)[0]["case_id"] for p in fixed_pairs(cfg_for(a, seed=3),
+                                                                                                      "eval", 6)]
+
+
+def test_training_pairs_are_grouped_by_fixed_image(two_folders) -> None:
+    a, _ = two_folders
+    pairs = fixed_pairs(cfg_for(a, pairs_per_task=2), "train", 4)
+    fixed_ids = [roles(p)[1]["case_id"] for p in pairs]
+    assert fixed_ids[0] == fixed_ids[1] and fixed_ids[2] == fixed_ids[3]
+
+
+def test_intra_subject_pairs_stay_within_one_patient(tmp_path: Path) -> None:
+    root = write_synthetic_decathlon(tmp_path / "d", n_cases=40, shape=(4, 4, 4))
+    # cases synth_000..039: the regex's first group (all digits but the last) makes 4 patients of 10 cases
+    cfg = cfg_for(root, pairing="intra", patient_regex=r"synth_(\d\d)\d", adapt_patients=1)
+    pairs = fixed_pairs(cfg, "train", 50)
+    assert pairs
+    for p in pairs:
+        moving, fixed = roles(p)
+        assert moving["patient_key"] == fixed["patient_key"] and moving["case_id"] != fixed["case_id"]
+        assert not p["inter_subject"]

@@ -1,0 +1,67 @@
+"""Reptile's meta-update and the network's starting point."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.config import RegistrationConfig
+from pipeline.methods.registration import (
+    GLOBALNET_LR_SCALE,
+    Losses,
+    RegistrationNet,
+    optimiser,
+    reptile_step,
+    train_steps,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def setup() -> tuple[RegistrationConfig, RegistrationNet, Losses, tuple]:
+    rcfg = RegistrationConfig(features=4, levels=2, half_res=False, prealign="globalnet")
+    torch.manual_seed(0)
+    net = RegistrationNet(rcfg, (8, 8, 8))
+    moving = torch.rand(2, 1, 8, 8, 8)
+    batch = (moving, moving.roll(1, dims=2), None, None)
+    return rcfg, net, Losses(rcfg, 1), batch
+
+
+def test_network_starts_at_the_identity() -> None:
+    _, net, _, (moving, fixed, _, _) = setup()
+    net.eval()
+    with torch.no_grad():
+        assert net(moving, fixed).abs().max() < 1e-5
+
+
+def test_reptile_moves_the_weights_part_way_toward_the_adapted_ones() -> None:
+    _, net, losses, batch = setup()
+    theta = copy.deepcopy(net.state_dict())
+    # phi: the same inner loop run by hand on a copy
+    fast = copy.deepcopy(net)
+    train_steps(fast, losses, lambda: batch, 2, optimiser(fast, 1e-2))
+    phi = fast.state_dict()
+    _, state = reptile_step(net, losses, lambda: batch, 2, 1e-2, meta_lr=0.5)
+    moved = 0
+    for name, value in net.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, theta[name] + 0.5 * (phi[name] - theta[name]), atol=1e-6, rtol=1e-5)
+            moved += int(not torch.equal(phi[name], theta[name]))
+    assert moved > 0
+    assert state["state"]  # the inner Adam state is handed back for the next task
+
+
+def test_globalnet_gets_a_smaller_learning_rate() -> None:
+    _, net, _, _ = setup()
+    groups = optimiser(net, 1e-3).param_groups
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3 * GLOBALNET_LR_SCALE]
+    n_global = sum(1 for n, _ in net.named_parameters() if n.startswith("globalnet."))
+    assert len(groups[1]["params"]) == n_global > 0
