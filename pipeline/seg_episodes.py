@@ -1,0 +1,362 @@
+"""Segmentation cases and episodes: labelled (one structure, K support + Q query patients) and self-supervised.
+
+A *case* is one preprocessed scan (canonical RAS, optional resampling, intensities in [0, 1]) with an optional
+integer label map and its structure names. Episodes only name cases; tensors are cut when they are used.
+
+Rules enforced here, and tested:
+- held-out structures never appear in a training episode (and in Setting 2 of SSL-ALPNet, training slices or
+  crops that *contain* a held-out structure are dropped as well);
+- no patient is on both the support and the query side of a labelled episode (self-supervised episodes take
+  support and query from one scan, by construction, as in SSL-ALPNet);
+- the same seed gives the same episodes.
+2D mode uses axial slices (the last RAS axis); 3D mode uses crops of `segmentation.crop` voxels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from nibabel.processing import resample_from_to, resample_to_output
+
+from datasets.volume import FewscanError, InputError, Volume
+from pipeline.config import Config, SegmentationConfig
+from pipeline.supervoxels import body_mask, pick_region, supervoxels
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED_OFFSET = 1_000_003  # evaluation episodes get their own seed stream (as in pipeline/evaluate.py)
+
+
+@dataclass
+class Case:
+    """One preprocessed scan.
+
+    Attributes:
+        image: `(I, J, K)` float32 in [0, 1], RAS+ (K axial).
+        label: `(I, J, K)` int16 label map or None (unlabelled).
+        names: label value -> structure name (background excluded).
+        affine: `(4, 4)` voxel -> RAS mm of `image`.
+    """
+
+    case_id: str
+    patient_key: str
+    image: np.ndarray
+    affine: np.ndarray
+    label: np.ndarray | None = None
+    names: dict[int, str] = field(default_factory=dict)
+    _sv: np.ndarray | None = None
+
+    def mask(self, structure: str) -> np.ndarray:
+        """Binary mask `(I, J, K)` of a named structure (all-false when absent)."""
+        if self.label is None:
+            return np.zeros(self.image.shape, bool)
+        values = [v for v, n in self.names.items() if n == structure]
+        return np.isin(self.label, values)
+
+    def structures(self) -> set[str]:
+        """Names of the structures with at least one voxel."""
+        if self.label is None:
+            return set()
+        present = set(np.unique(self.label).tolist())
+        return {n for v, n in self.names.items() if v in present}
+
+
+def patient_key(case_id: str, salt: str = "fewscan") -> str:
+    """A salted hash standing in for the patient (one case per patient unless a reader says otherwise)."""
+    return hashlib.sha256(f"{salt}:{case_id}".encode()).hexdigest()[:12]
+
+
+def normalise(image: np.ndarray, scfg: SegmentationConfig) -> np.ndarray:
+    """Intensities to [0, 1]: CT through `window` (HU), MR between its 0.5 and 99.5 percentiles."""
+    image = image.astype(np.float32)
+    if scfg.modality == "ct":
+        low, high = scfg.window
+    else:
+        low, high = np.percentile(image, [0.5, 99.5])
+    return np.clip((image - low) / max(float(high - low), 1e-6), 0.0, 1.0).astype(np.float32)
+
+
+def make_case(case_id: str, image: Volume, label: Volume | None, names: dict[int, str],
+              scfg: SegmentationConfig, source: str = "") -> Case:
+    """Canonical RAS, optional resampling (labels nearest-neighbour), intensity normalisation."""
+    where = source or case_id
+    array = image.array[..., 0] if image.array.ndim == 4 else image.array  # multi-channel: first channel
+    img = nib.Nifti1Image(np.asarray(array, np.float32), image.affine)
+    if scfg.spacing is not None:
+        img = resample_to_output(img, scfg.spacing, order=1)
+    img = nib.as_closest_canonical(img)
+    lab_arr = None
+    if label is not None:
+        lab = nib.Nifti1Image(np.asarray(label.array).astype(np.int16), label.affine)
+        if lab.shape[:3] != image.array.shape[:3] or not np.allclose(lab.affine, image.affine, atol=1e-3):
+            log.debug("%s: label grid differs from the image; resampling it (nearest neighbour)", where)
+        lab = resample_from_to(lab, img, order=0)  # into the prepared image grid, in world coordinates
+        lab_arr = np.asarray(lab.dataobj).astype(np.int16)
+    data = np.asarray(img.dataobj, np.float32)
+    if data.ndim != 3 or min(data.shape) < 2:
+        raise InputError(where, f"expected a 3D volume, got shape {data.shape}")
+    names = {int(v): str(n) for v, n in names.items() if int(v) != 0}  # background is not a structure
+    return Case(case_id, patient_key(case_id), normalise(data, scfg), img.affine, lab_arr, names)
+
+
+def load_decathlon(root: Path, scfg: SegmentationConfig) -> list[Case]:
+    """Every image of a Decathlon-format folder (`datasets.sources.read_decathlon`): labelled `training` entries
+    and unlabelled `test` entries (self-supervised training can use both)."""
+    from datasets.sources import load_case, read_decathlon
+
+    dataset = read_decathlon(Path(root))
+    if not dataset.cases:
+        raise InputError(Path(root) / "dataset.json", "lists no images")
+    cases = []
+    for entry in dataset.cases:
+        image, label = load_case(dataset, entry)
+        cases.append(make_case(entry.case_id, image, label, dataset.label_names, scfg, str(entry.image)))
+    return cases
+
+
+def load_cases(cfg: Config) -> list[Case]:
+    """The cases of `cfg.data.root` (a Decathlon-format folder)."""
+    if not cfg.data.root:
+        raise FewscanError("data.root is empty: set it to a Decathlon-format folder")
+    return load_decathlon(Path(cfg.data.root), cfg.segmentation)
+
+
+def split_structures(cases: list[Case], held_out: list[str]) -> dict[str, list[str]]:
+    """`train` / `test` structure names; an empty `held_out` tests every labelled structure."""
+    known = sorted(set().union(*(c.structures() for c in cases)))
+    missing = [s for s in held_out if s not in known]
+    if missing:
+        raise FewscanError(f"segmentation.held_out names structures not in the labels: {missing} (known: {known})")
+    test = sorted(held_out) if held_out else known
+    return {"train": [s for s in known if s not in test], "test": test}
+
+
+def split_patients(cases: list[Case], share: float, seed: int) -> tuple[list[Case], list[Case]]:
+    """`(train, test)` cases: a seeded `share` of the labelled patients is kept out of training.
+
+    Unlabelled cases always train. With `share == 0` both sides are all cases (transductive: the evaluation
+    scans' images, never their labels, are then seen by self-supervised training).
+    """
+    if share == 0:
+        return list(cases), list(cases)
+    labelled = sorted({c.patient_key for c in cases if c.label is not None})
+    rng = np.random.default_rng([seed, 7])
+    n_test = max(1, round(share * len(labelled))) if labelled else 0
+    test_keys = {labelled[i] for i in rng.permutation(len(labelled))[:n_test]}
+    return ([c for c in cases if c.patient_key not in test_keys], [c for c in cases if c.patient_key in test_keys])
+
+
+def _draw(rng: np.random.Generator, cases: list[Case], structure: str, shots: int,
+          queries: int) -> tuple[list[Case], list[Case]]:
+    """K support and Q query cases containing `structure`, from disjoint patients."""
+    by_patient: dict[str, list[Case]] = {}
+    for c in cases:
+        if structure in c.structures():
+            by_patient.setdefault(c.patient_key, []).append(c)
+    keys = sorted(by_patient)
+    if len(keys) < shots + 1:
+        raise FewscanError(f"structure {structure!r}: {len(keys)} patients have it, need shots+1 = {shots + 1}")
+    order = rng.permutation(len(keys))
+    n_query = min(queries, len(keys) - shots)
+    pick = lambda idx: [by_patient[keys[i]][int(rng.integers(len(by_patient[keys[i]])))] for i in idx]  # noqa: E731
+    return pick(order[:shots]), pick(order[shots:shots + n_query])
+
+
+def episode_record(structure: str, support: list[Case], query: list[Case]) -> dict[str, Any]:
+    """The JSON form of an episode: the structure and its cases with their roles."""
+    cases = [{"role": role, "case_id": c.case_id, "patient_key": c.patient_key, "structure": structure}
+             for role, group in (("support", support), ("query", query)) for c in group]
+    return {"structure": structure, "cases": cases}
+
+
+def role_ids(episode: dict[str, Any], role: str) -> list[str]:
+    """Case ids of one side (`support` / `query`) of an episode record."""
+    return [c["case_id"] for c in episode["cases"] if c["role"] == role]
+
+
+def fixed_episodes(cfg: Config, split: str, n: int, cases: list[Case] | None = None) -> list[dict[str, Any]]:
+    """A seeded, fixed list of `n` labelled episodes per structure of `split` ("test"/"novel" or "train"/"base").
+
+    Exactly the episodes `pipeline.segment.evaluate` scores (split "test", n = `episodes.eval_episodes`).
+
+    Returns:
+        `[{"structure", "cases": [{"role", "case_id", "patient_key", "structure"}, ...]}, ...]`, structures in
+        sorted order, `n` episodes each.
+    """
+    aliases = {"test": "test", "novel": "test", "train": "train", "base": "train"}
+    if split not in aliases:
+        raise FewscanError(f"segmentation episode splits are 'test' (alias 'novel') and 'train' ('base'), "
+                           f"not {split!r}")
+    split = aliases[split]
+    cases = load_cases(cfg) if cases is None else cases
+    structures = split_structures(cases, cfg.segmentation.held_out)[split]
+    train_cases, test_cases = split_patients(cases, cfg.segmentation.test_patients, cfg.seed)
+    pool = test_cases if split == "test" else train_cases
+    rng = np.random.default_rng([cfg.seed, EVAL_SEED_OFFSET if split == "test" else 0])
+    episodes = []
+    for structure in structures:
+        seen: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
+        for _ in range(n):
+            for _ in range(20):  # few patients: prefer an episode not drawn yet (repeats only when exhausted)
+                support, query = _draw(rng, pool, structure, cfg.episodes.shots, cfg.episodes.queries)
+                key = (tuple(sorted(c.case_id for c in support)), tuple(sorted(c.case_id for c in query)))
+                if key not in seen:
+                    break
+            seen.add(key)
+            episodes.append(episode_record(structure, support, query))
+    return episodes
+
+
+# --- tensors for training episodes -------------------------------------------------------------------
+def crop_at(array: np.ndarray, center: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """A `size` crop centred on `center`, zero-padded where it leaves the array (any number of dims)."""
+    out = np.zeros(size, array.dtype)
+    lo = np.asarray(center, int) - np.asarray(size) // 2
+    src = tuple(slice(max(0, lo_i), min(dim, lo_i + s)) for lo_i, s, dim in zip(lo, size, array.shape, strict=True))
+    dst = tuple(slice(sl.start - lo_i, sl.stop - lo_i) for sl, lo_i in zip(src, lo, strict=True))
+    out[dst] = array[src]
+    return out
+
+
+def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Training-only intensity change (gamma and noise), so support and query never look identical."""
+    gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.5))))
+    return np.clip(x ** gamma + rng.normal(0, 0.02, x.shape), 0, 1).astype(np.float32)
+
+
+def _excluded(case: Case, held_out: list[str]) -> np.ndarray | None:
+    """Voxels of held-out structures in a training case (Setting 2 drops slices/crops touching them)."""
+    if case.label is None or not held_out:
+        return None
+    mask = np.zeros(case.image.shape, bool)
+    for s in held_out:
+        mask |= case.mask(s)
+    return mask if mask.any() else None
+
+
+def _view(case: Case, mask: np.ndarray, point: np.ndarray, scfg: SegmentationConfig,
+          rng: np.random.Generator, augment: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask cut around `point`: a 2D axial slice crop `crop[:2]` or a 3D crop `crop`."""
+    if scfg.mode == "2d":
+        size, k = tuple(scfg.crop[:2]), int(point[2])
+        img, msk = crop_at(case.image[:, :, k], point[:2], size), crop_at(mask[:, :, k], point[:2], size)
+    else:
+        img, msk = crop_at(case.image, point, tuple(scfg.crop)), crop_at(mask, point, tuple(scfg.crop))
+    return (_augment(img, rng) if augment else img), msk
+
+
+def _stack(views: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.stack([v[0] for v in views])[:, None]).float()
+    m = torch.from_numpy(np.stack([v[1] for v in views])[:, None].astype(np.float32))
+    return x, m
+
+
+def _allowed(case: Case, scfg: SegmentationConfig, excluded: np.ndarray | None, point: np.ndarray) -> bool:
+    """Setting 2: the slice (2D) or crop (3D) around `point` must not touch a held-out structure."""
+    if excluded is None or scfg.setting == 1:
+        return True
+    if scfg.mode == "2d":
+        return not excluded[:, :, int(point[2])].any()
+    return not crop_at(excluded, point, tuple(scfg.crop)).any()
+
+
+def labelled_episode(cases: list[Case], structures: list[str], cfg: Config, rng: np.random.Generator,
+                     held_out: list[str], info: dict[str, Any] | None = None) -> tuple[torch.Tensor, ...] | None:
+    """A training episode on one training structure: support/query images and masks `(K|Q, 1, *crop)`.
+
+    Args:
+        info: filled (when given) with the episode's `structure`, `record` and `views` `[(case_id, centre)]`.
+
+    Returns None when Setting 2 leaves no allowed view (the caller draws again).
+    """
+    scfg = cfg.segmentation
+    structure = structures[int(rng.integers(len(structures)))]
+    support, query = _draw(rng, cases, structure, cfg.episodes.shots, cfg.episodes.queries)
+    if info is not None:
+        info.update(structure=structure, record=episode_record(structure, support, query), views=[])
+    views = []
+    for case in [*support, *query]:
+        mask, excluded = case.mask(structure), _excluded(case, held_out)
+        points = np.argwhere(mask)
+        if excluded is not None and scfg.setting == 2 and scfg.mode == "2d":
+            # Setting 2: draw only from slices that hold no held-out voxel
+            points = points[~excluded.any(axis=(0, 1))[points[:, 2]]]
+            if len(points) == 0:
+                return None
+        for _ in range(10):
+            point = points[int(rng.integers(len(points)))]
+            if _allowed(case, scfg, excluded, point):
+                break
+        else:
+            return None
+        if info is not None:
+            info["views"].append((case.case_id, tuple(int(v) for v in point)))
+        views.append(_view(case, mask, point, scfg, rng, augment=True))
+    sx, sm = _stack(views[:len(support)])
+    qx, qm = _stack(views[len(support):])
+    return sx, sm, qx, qm
+
+
+def case_supervoxels(case: Case, scfg: SegmentationConfig) -> np.ndarray:
+    """The case's pseudo-structures, computed once and kept on the case."""
+    if case._sv is None:
+        case._sv = supervoxels(case.image, scfg.supervoxels, scfg.n_supervoxels)
+    return case._sv
+
+
+def pseudo_episode(cases: list[Case], cfg: Config, rng: np.random.Generator,
+                   held_out: list[str]) -> tuple[torch.Tensor, ...] | None:
+    """A self-supervised episode: one supervoxel of one scan is the structure (SSL-ALPNet).
+
+    2D: support = an axial slice through the supervoxel, query = a neighbouring slice (SLIC, 3D regions) or the
+    same slice (Felzenszwalb, 2D regions), differently augmented. 3D: support and query are two crops of the
+    scan around the supervoxel, shifted by up to a quarter crop. K support views, one query view.
+
+    Returns:
+        `(sx, sm, qx, qm)` with shapes `(K, 1, *crop)` and `(1, 1, *crop)`, or None when nothing fits.
+    """
+    scfg = cfg.segmentation
+    case = cases[int(rng.integers(len(cases)))]
+    sv = case_supervoxels(case, scfg)
+    excluded = _excluded(case, held_out) if scfg.setting == 2 else None
+    if excluded is not None:
+        sv = np.where(excluded.any(axis=(0, 1))[None, None, :], 0, sv)  # drop slices touching held-out organs
+    region = pick_region(sv, rng)
+    if region is None:
+        return None
+    mask = sv == region
+    points = np.argwhere(mask)
+    views = []
+    for _ in range(cfg.episodes.shots):
+        point = points[int(rng.integers(len(points)))]
+        views.append(_view(case, mask, point, scfg, rng, augment=True))
+    if scfg.mode == "2d":
+        ks = np.unique(points[:, 2])
+        near = ks[np.abs(ks - point[2]) <= 2] if scfg.supervoxels == "slic" else np.array([point[2]])
+        k = int(rng.choice(near))
+        in_slice = points[points[:, 2] == k]
+        qpoint = in_slice[int(rng.integers(len(in_slice)))]
+    else:
+        qpoint = point + rng.integers(-(np.asarray(scfg.crop) // 4), np.asarray(scfg.crop) // 4 + 1)
+    qview = _view(case, mask, qpoint, scfg, rng, augment=True)
+    if qview[1].sum() == 0:
+        return None
+    sx, sm = _stack(views)
+    qx, qm = _stack([qview])
+    return sx, sm, qx, qm
+
+
+def unlabelled_share(cases: list[Case]) -> float:
+    """Share of cases without labels (for the log)."""
+    return float(np.mean([c.label is None for c in cases])) if cases else 0.0
+
+
+__all__ = ["Case", "body_mask", "fixed_episodes", "labelled_episode", "load_cases", "make_case",
+           "pseudo_episode", "role_ids", "split_structures"]

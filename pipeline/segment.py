@@ -1,0 +1,479 @@
+"""The segmentation task kind: meta-train few-shot segmenters, evaluate them on held-out structures.
+
+Run directory: `config.yaml`, `split.json` (train/test structures and case counts), `untrained.safetensors`,
+`model.safetensors`, `state.json` (time, peak memory), `curves.json`; `evaluate` adds `episodes.json`,
+`report.json`, `dice.png` (box plot per structure and method) and `overlay_<structure>.png`.
+
+Evaluation protocol. 3D mode: the whole support volume(s) and their masks give the prototypes (or the adaptation
+data); the whole query volume is segmented (sliding windows of `crop`). 2D mode follows SSL-ALPNet: only the
+query slices between the first and last slice holding the structure are segmented (the protocol assumes that
+range is known), split into `chunks` equal parts; chunk c of the query uses the middle slice of chunk c of each
+support's structure range. Every method, the atlas baseline included, is scored under the same protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from datasets.volume import FewscanError, InputError, Volume, atomic_path
+from pipeline.config import Config, to_dict
+from pipeline.metrics import dice_hd95, mean_ci95
+from pipeline.report import plot_dice_boxes, plot_overlay, write_json
+from pipeline.seg_episodes import (
+    Case,
+    fixed_episodes,
+    labelled_episode,
+    load_cases,
+    pseudo_episode,
+    role_ids,
+    split_patients,
+    split_structures,
+)
+from pipeline.train import load_run_config, load_weights, save_weights, seed_everything
+
+log = logging.getLogger(__name__)
+
+EMPTY_MASK_POLICY = ("Dice/HD95 per query with monai.metrics (no aggregate()); prediction empty but truth not: "
+                     "Dice 0, HD95 = volume diagonal in mm; both empty: Dice 1, HD95 0")
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """The configured learner, initialised from `cfg.seed`: `ProtoSeg` or the MAML U-Net."""
+    from pipeline.methods.maml_seg import build_maml_unet
+    from pipeline.methods.proto_seg import build_proto_seg
+
+    torch.manual_seed(cfg.seed)
+    return build_proto_seg(cfg.segmentation) if cfg.segmentation.method == "proto" else build_maml_unet(
+        cfg.segmentation)
+
+
+def set_threads(cfg: Config) -> None:
+    """Apply `segmentation.threads` to torch and SimpleITK (the atlas baseline gets the same CPU budget).
+
+    Small 2D nets on a CPU shared with other jobs ran ~10x faster on 1 thread than on 2 (thread spin-waiting).
+    """
+    if cfg.segmentation.threads:
+        import SimpleITK as sitk
+
+        torch.set_num_threads(cfg.segmentation.threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cfg.segmentation.threads)
+
+
+def _draw_episode(cases: list[Case], cfg: Config, rng: np.random.Generator, split: dict[str, list[str]]):
+    """One training episode (self-supervised or labelled), retrying when a draw finds nothing usable."""
+    for _ in range(100):
+        if cfg.segmentation.supervision == "self":
+            ep = pseudo_episode(cases, cfg, rng, split["test"])
+        else:
+            ep = labelled_episode(cases, split["train"], cfg, rng, split["test"])
+        if ep is not None:
+            return ep
+    raise FewscanError("could not draw a training episode in 100 tries: with segmentation.setting=2, every "
+                       "training slice may hold a held-out structure (use setting 1), or the volumes are tiny")
+
+
+def train(cfg: Config, run_dir: Path) -> Path:
+    """Meta-train on supervoxel pseudo-structures (`supervision: self`) or the training structures."""
+    from monai.losses import DiceCELoss
+
+    from pipeline.methods.maml_seg import task_loss
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    set_threads(cfg)
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cases = load_cases(cfg)
+    split = split_structures(cases, cfg.segmentation.held_out)
+    train_cases, test_cases = split_patients(cases, cfg.segmentation.test_patients, cfg.seed)
+    write_json({**split, "train_cases": len(train_cases), "test_cases": len(test_cases)}, run_dir / "split.json")
+    if cfg.segmentation.supervision == "labels":
+        need = cfg.episodes.shots + 1  # K support patients and at least one query patient
+        usable = [s for s in split["train"]
+                  if len({c.patient_key for c in train_cases if s in c.structures()}) >= need]
+        if not usable:
+            raise FewscanError(f"supervision: labels needs a training structure present in >= {need} training "
+                               f"patients; none is (training structures: {split['train']})")
+        split = {**split, "train": usable}
+    log.info("structures: train %s | held out %s | %d training scans", split["train"], split["test"],
+             len(train_cases))
+    model = build_model(cfg)
+    save_weights(model, run_dir / "untrained.safetensors")
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    rng = np.random.default_rng(cfg.seed)
+    curves: dict[str, list[float]] = {"iteration": [], "loss": []}
+    window: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    bar = tqdm(range(cfg.train.iterations), desc="meta-training", unit="episode")
+    for it in bar:
+        sx, sm, qx, qm = _draw_episode(train_cases, cfg, rng, split)
+        if cfg.segmentation.method == "proto":
+            loss = loss_fn(model(sx, sm, qx), qm)
+        else:
+            loss = task_loss(model, cfg.segmentation, sx, sm, qx, qm)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        window.append(loss.item())
+        if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
+            curves["iteration"].append(it + 1)
+            curves["loss"].append(float(np.mean(window)))
+            bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}")
+            window = []
+    save_weights(model, run_dir / "model.safetensors")
+    write_json({"iterations": cfg.train.iterations, "seconds": time.perf_counter() - start,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "train_cases": len(train_cases)}, run_dir / "state.json")
+    write_json(curves, run_dir / "curves.json")
+    return run_dir
+
+
+# --- running one method on one query ------------------------------------------------------------------
+def _slices(image: np.ndarray, ks: np.ndarray) -> torch.Tensor:
+    """Axial slices `ks` of `(I, J, K)` as `(len(ks), 1, I, J)`."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(image[:, :, ks], 2, 0))[:, None]).float()
+
+
+def _fg_slices(mask: np.ndarray) -> np.ndarray:
+    return np.nonzero(mask.any(axis=(0, 1)))[0]
+
+
+def run_learned(fit: Callable[[list[torch.Tensor], list[torch.Tensor]], Predictor], mode: str,
+                supports: list[tuple[np.ndarray, np.ndarray]], query: np.ndarray, zrange: tuple[int, int] | None,
+                chunks: int, no_grad_fit: bool) -> np.ndarray:
+    """Segment one query volume `(I, J, K)` with a fitted predictor; returns a bool mask of the same shape.
+
+    Args:
+        fit: support images/masks (lists of `(n, 1, *S)`) -> predictor `x -> logits (B, 2, *S)`.
+        supports: `(image, mask)` volume pairs.
+        zrange: 2D only: first and last query slice to segment (SSL-ALPNet protocol); None = every slice, one chunk.
+        chunks: 2D: number of chunks (1 = every support structure slice serves every query slice).
+        no_grad_fit: fitting needs no gradients (prototypes); fine-tuning and MAML need them.
+    """
+    grad = torch.no_grad() if no_grad_fit else torch.enable_grad()
+    pred = np.zeros(query.shape, bool)
+    if mode == "3d":
+        with grad:
+            predictor = fit([torch.from_numpy(s[0])[None, None].float() for s in supports],
+                            [torch.from_numpy(s[1].astype(np.float32))[None, None] for s in supports])
+        with torch.no_grad():
+            return predictor(torch.from_numpy(query)[None, None].float()).argmax(1)[0].numpy() == 1
+    ks = np.arange(zrange[0], zrange[1] + 1) if zrange is not None else np.arange(query.shape[2])
+    n_chunks = chunks if zrange is not None else 1
+    for c, kq in enumerate(np.array_split(ks, n_chunks)):
+        if len(kq) == 0:
+            continue
+        images, masks = [], []
+        for img, msk in supports:
+            sk = _fg_slices(msk)
+            if n_chunks > 1:
+                part = np.array_split(sk, n_chunks)[c]
+                sk = np.array([part[len(part) // 2]]) if len(part) else sk[[len(sk) // 2]]
+            images.append(_slices(img, sk))
+            masks.append(_slices(msk.astype(np.float32), sk))
+        with grad:
+            predictor = fit(images, masks)
+        with torch.no_grad():  # one slice at a time: prototype scores are (slices, prototypes, H, W) in memory
+            x = _slices(query, kq)
+            labels = torch.cat([predictor(x[i:i + 1]).argmax(1) for i in range(len(x))])
+            pred[:, :, kq] = np.moveaxis(labels.numpy() == 1, 0, 2)
+    return pred
+
+
+def _spacing(case: Case) -> tuple[float, float, float]:
+    return tuple(float(s) for s in np.linalg.norm(case.affine[:3, :3], axis=0))
+
+
+def method_runners(cfg: Config, run_dir: Path) -> dict[str, Callable[..., np.ndarray]]:
+    """Name -> `runner(supports [(img, mask)], query Case, structure, zrange) -> bool mask` for every method."""
+    from pipeline.methods.finetune_seg import fit_finetune
+    from pipeline.methods.maml_seg import fit_maml
+    from pipeline.methods.proto_seg import backbone_divisor, fit_proto
+
+    scfg = cfg.segmentation
+    roi = tuple(scfg.crop) if scfg.mode == "3d" else None
+    runners: dict[str, Callable[..., np.ndarray]] = {}
+    for name, weights in ((scfg.method, "model.safetensors"), ("untrained", "untrained.safetensors")):
+        model = load_weights(build_model(cfg), run_dir / weights).eval()
+        if scfg.method == "proto":
+            fit = (lambda m: lambda xs, ms: fit_proto(m, xs, ms, roi))(model)
+            runners[name] = (lambda f: lambda sup, q, s, z: run_learned(f, scfg.mode, sup, q.image, z, scfg.chunks,
+                                                                        True))(fit)
+        else:
+            fit = (lambda m: lambda xs, ms: fit_maml(m, scfg, xs, ms, cfg.seed))(model)
+            runners[name] = (lambda f: lambda sup, q, s, z: run_learned(f, scfg.mode, sup, q.image, z, 1,
+                                                                        False))(fit)
+    if "finetune" in scfg.baselines:
+        trained = load_weights(build_model(cfg), run_dir / "model.safetensors")
+        if scfg.method == "proto":
+            backbone, div, head = trained.backbone, trained.divisor, True
+        else:  # the MAML U-Net already has a 2-channel output: fine-tune it whole
+            backbone, div, head = trained, backbone_divisor(scfg), False
+        fit = lambda xs, ms: fit_finetune(backbone, div, scfg, xs, ms, cfg.seed, head=head)  # noqa: E731
+        runners["finetune"] = lambda sup, q, s, z: run_learned(fit, scfg.mode, sup, q.image, z, 1, False)
+    if "atlas" in scfg.baselines:
+        from pipeline.baselines.atlas import atlas_segment
+
+        def atlas(sup: list[tuple[np.ndarray, np.ndarray]], q: Case, s: str, z: tuple[int, int] | None,
+                  affines: list[np.ndarray] | None = None) -> np.ndarray:
+            vols = [(Volume(img, aff), Volume(msk.astype(np.uint8), aff)) for (img, msk), aff in
+                    zip(sup, affines or [q.affine] * len(sup), strict=True)]
+            mask, _ = atlas_segment(vols, Volume(q.image, q.affine), seed=cfg.seed)
+            if z is not None:  # same slice-range protocol as the 2D learned methods
+                keep = np.zeros(mask.shape[2], bool)
+                keep[z[0]:z[1] + 1] = True
+                mask &= keep[None, None, :]
+            return mask
+
+        runners["atlas"] = atlas
+    return runners
+
+
+# --- evaluate -----------------------------------------------------------------------------------------
+def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    """Score every method on the fixed held-out-structure episodes; writes the report, box plot and overlays."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    scfg = cfg.segmentation
+    set_threads(cfg)
+    cases = load_cases(cfg)
+    by_id = {c.case_id: c for c in cases}
+    episodes_path = run_dir / "episodes.json"
+    if episodes_path.exists():
+        import json
+
+        episodes = json.loads(episodes_path.read_text())
+    else:
+        episodes = fixed_episodes(cfg, "test", cfg.episodes.eval_episodes, cases)
+        write_json(episodes, episodes_path)
+    runners = method_runners(cfg, run_dir)
+    scores: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n in runners}
+    seconds: dict[str, list[float]] = {n: [] for n in runners}
+    overlaid: set[str] = set()
+    for i, ep in enumerate(tqdm(episodes, desc="evaluating", unit="episode")):
+        s = ep["structure"]
+        sup_cases = [by_id[c] for c in role_ids(ep, "support")]
+        supports = [(c.image, c.mask(s)) for c in sup_cases]
+        for qid in role_ids(ep, "query"):
+            q = by_id[qid]
+            truth = q.mask(s)
+            ks = np.nonzero(truth.any(axis=(0, 1)))[0]
+            zrange = (int(ks[0]), int(ks[-1])) if scfg.mode == "2d" else None
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                pred = (run(supports, q, s, zrange, [c.affine for c in sup_cases]) if name == "atlas"
+                        else run(supports, q, s, zrange))
+                seconds[name].append(time.perf_counter() - t0)
+                scores[name].setdefault(s, []).append((i, *dice_hd95(pred, truth, _spacing(q))))
+                if name == scfg.method and s not in overlaid and len(overlaid) < scfg.overlays:
+                    overlaid.add(s)  # one overlay per structure: its first episode
+                    k, ks_s = int(np.argmax(truth.sum((0, 1)))), int(np.argmax(supports[0][1].sum((0, 1))))
+                    plot_overlay(supports[0][0][:, :, ks_s], supports[0][1][:, :, ks_s], q.image[:, :, k],
+                                 truth[:, :, k], pred[:, :, k], f"{s}: episode {i}, query slice {k}",
+                                 (out or run_dir / "report.json").parent / f"overlay_{s}.png")
+    blocks = {n: _block(scores[n], seconds[n]) for n in runners}
+    main = blocks.pop(scfg.method)
+    report = {"task": "segmentation", "method": scfg.method, "mode": scfg.mode, "supervision": scfg.supervision,
+              "episodes": len(episodes), "shots": cfg.episodes.shots, "queries": cfg.episodes.queries,
+              "structures": sorted({e["structure"] for e in episodes}), "empty_mask_policy": EMPTY_MASK_POLICY,
+              **main, "untrained": blocks.pop("untrained"), **{f"baseline_{n}": b for n, b in blocks.items()}}
+    out = Path(out or run_dir / "report.json")
+    write_json(report, out)
+    plot_dice_boxes({n: _episode_dice(scores[n]) for n in runners}, out.with_name("dice.png"))
+    return report
+
+
+def _episode_dice(per_structure: dict[str, list[tuple[int, float, float]]]) -> dict[str, list[float]]:
+    """Per structure, one Dice per episode (mean over that episode's queries)."""
+    out = {}
+    for s, rows in per_structure.items():
+        eps: dict[int, list[float]] = {}
+        for i, d, _ in rows:
+            eps.setdefault(i, []).append(d)
+        out[s] = [float(np.mean(v)) for v in eps.values()]
+    return out
+
+
+def _block(per_structure: dict[str, list[tuple[int, float, float]]], seconds: list[float]) -> dict[str, Any]:
+    """`metrics` and `per_structure` (Dice, HD95: mean and 95% CI over episodes) plus seconds per query."""
+    per, all_d, all_h = {}, [], []
+    for s, rows in sorted(per_structure.items()):
+        eps: dict[int, list[tuple[float, float]]] = {}
+        for i, d, h in rows:
+            eps.setdefault(i, []).append((d, h))
+        d = [float(np.mean([x[0] for x in v])) for v in eps.values()]
+        h = [float(np.mean([x[1] for x in v])) for v in eps.values()]
+        per[s] = {"dice": mean_ci95(d), "hd95": mean_ci95(h)}
+        all_d += d
+        all_h += h
+    return {"metrics": {"dice": mean_ci95(all_d), "hd95": mean_ci95(all_h)}, "per_structure": per,
+            "seconds_per_query": float(np.mean(seconds)) if seconds else 0.0}
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """Text table: one row per method (Dice and HD95 with 95% CIs, seconds per query), then per structure."""
+    blocks = {report["method"]: report, "untrained": report["untrained"],
+              **{k.removeprefix("baseline_"): v for k, v in report.items() if k.startswith("baseline_")}}
+    lines = [f"{report['shots']}-shot {report['mode']} segmentation of {report['structures']}, "
+             f"{report['episodes']} episodes ({report['supervision']}-supervised {report['method']})",
+             f"  {'method':<10} {'Dice':>6}  {'95% CI':<16} {'HD95 mm':>8}  {'s/query':>8}"]
+    for name, b in blocks.items():
+        d, h = b["metrics"]["dice"], b["metrics"]["hd95"]
+        lines.append(f"  {name:<10} {d['mean']:6.3f}  [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]  {h['mean']:8.1f}  "
+                     f"{b['seconds_per_query']:8.2f}")
+    for s, m in report["per_structure"].items():
+        lo, hi = m["dice"]["ci95"]
+        lines.append(f"  {report['method']} {s}: Dice {m['dice']['mean']:.3f} [{lo:.3f}, {hi:.3f}]")
+    return "\n".join(lines)
+
+
+# --- adapt / predict ----------------------------------------------------------------------------------
+def read_seg_support(spec: Path) -> list[tuple[Path, Path]]:
+    """`image,label` rows of a support CSV (paths relative to the CSV); image: NIfTI or DICOM series folder,
+    label: label-map NIfTI, DICOM-SEG or RTSTRUCT of that image."""
+    import csv
+
+    spec = Path(spec)
+    try:
+        rows = list(csv.DictReader(spec.read_text().splitlines()))
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(spec, f"cannot read the support CSV ({err})") from None
+    if not rows or not {"image", "label"} <= set(rows[0]):
+        raise InputError(spec, "a segmentation support CSV needs rows with columns 'image,label'")
+    return [(spec.parent / r["image"], spec.parent / r["label"]) for r in rows]
+
+
+def _load_image(path: Path) -> Volume:
+    from datasets.volume_io import load_volume
+
+    return load_volume(Path(path))
+
+
+def _structure_mask(label: Volume, structure: str | None, where: Path) -> np.ndarray:
+    """Binary mask of `structure` (a name from the label table, or a value); any non-zero label when None."""
+    arr = np.asarray(label.array)
+    arr = arr.any(axis=-1) if arr.ndim == 4 else arr
+    if structure is None:
+        return arr > 0
+    table = label.meta.get("label_names") or {}
+    decathlon = Path(where).parent.parent / "dataset.json"  # a Decathlon labelsTr/ file: names in dataset.json
+    if not table and decathlon.is_file():
+        from datasets.sources import read_label_names
+
+        table = read_label_names(decathlon)
+    names = {str(n): int(v) for v, n in table.items()}
+    value = names.get(structure, int(structure) if structure.isdigit() else None)
+    if value is None:
+        raise InputError(where, f"no structure {structure!r} in the labels (names: {sorted(names)})")
+    return arr == value
+
+
+def adapt(run_dir: Path, support: Path, out: Path, structure: str | None = None) -> dict[str, Any]:
+    """Fit a trained segmentation run to one structure from K labelled scans; writes the ADAPTED folder.
+
+    Proto: the support prototypes (`prototypes.safetensors`); MAML: the adapted weights (`fast.safetensors`).
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from datasets.labels import load_labels
+    from pipeline.methods.maml_seg import adapt_maml
+    from pipeline.methods.proto_seg import support_prototypes
+    from pipeline.seg_episodes import make_case
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_run_config(run_dir)
+    scfg = cfg.segmentation
+    images, masks = [], []
+    for image_path, label_path in read_seg_support(support):
+        image = _load_image(image_path)
+        label = load_labels(label_path, reference=image_path, image=image, mismatch="resample")
+        mask = Volume(_structure_mask(label, structure, label_path).astype(np.uint8), label.affine)
+        case = make_case("support", image, mask, {1: "structure"}, scfg, str(image_path))
+        if not case.label.any():
+            raise InputError(label_path, f"structure {structure or '(any)'} is empty in this support scan")
+        m = case.label > 0
+        if scfg.mode == "2d":
+            images.append(_slices(case.image, _fg_slices(m)))
+            masks.append(_slices(m.astype(np.float32), _fg_slices(m)))
+        else:
+            images.append(torch.from_numpy(case.image)[None, None])
+            masks.append(torch.from_numpy(m.astype(np.float32))[None, None])
+    model = load_weights(build_model(cfg), run_dir / "model.safetensors").eval()
+    if scfg.method == "proto":
+        with torch.no_grad():
+            bg, fg = support_prototypes(model, images, masks, tuple(scfg.crop) if scfg.mode == "3d" else None)
+        state, name = {"bg": bg, "fg": fg}, "prototypes.safetensors"
+    else:
+        state, name = adapt_maml(model, scfg, images, masks, cfg.seed), "fast.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+    with atomic_path(out / "model.safetensors") as tmp:
+        shutil.copyfile(run_dir / "model.safetensors", tmp)
+    with atomic_path(out / name) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+    summary = {"task": "segmentation", "method": scfg.method, "mode": scfg.mode, "structure": structure or "mask",
+               "shots": len(images)}
+    write_json(summary, out / "adapted.json")
+    return summary
+
+
+def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Segment each input scan; writes `pred_NN.nii.gz` in the input's own geometry and, for a DICOM series
+    input, `pred_NN_seg.dcm` (DICOM-SEG referencing that series)."""
+    import json
+
+    import nibabel as nib
+    from safetensors.torch import load_file
+
+    from pipeline.methods.maml_seg import maml_predictor
+    from pipeline.methods.proto_seg import proto_predictor
+    from pipeline.seg_episodes import make_case
+    from pipeline.seg_io import mask_to_source, write_dicom_seg, write_nifti_mask
+
+    adapted, out = Path(adapted), Path(out)
+    info = json.loads((adapted / "adapted.json").read_text())
+    cfg = load_run_config(adapted)
+    scfg = cfg.segmentation
+    model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
+    roi = tuple(scfg.crop) if scfg.mode == "3d" else None
+    if scfg.method == "proto":
+        state = load_file(str(adapted / "prototypes.safetensors"))
+        predictor = proto_predictor(model, state["bg"], state["fg"], roi)
+    else:
+        predictor = maml_predictor(model, scfg, load_file(str(adapted / "fast.safetensors")))
+    results = []
+    for i, path in enumerate(inputs):
+        path = Path(path)
+        image = _load_image(path)
+        case = make_case(f"input{i}", image, None, {}, scfg, str(path))
+        mask = run_learned(lambda xs, ms: predictor, scfg.mode, [], case.image, None, 1, True)
+        is_nifti = path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+        source = nib.load(str(path)) if is_nifti else image.to_nifti()
+        nifti = out / f"pred_{i:02d}.nii.gz"
+        write_nifti_mask(mask_to_source(mask, case.affine, source), source.affine, nifti)
+        row = {"input": str(path), "nifti": str(nifti), "voxels": int(mask.sum())}
+        if image.meta.get("series_uid"):
+            from datasets.dicom import read_series
+
+            _, _, datasets = read_series(path, image.meta["series_uid"])
+            row["dicom_seg"] = str(out / f"pred_{i:02d}_seg.dcm")
+            write_dicom_seg(mask, case.affine, list(datasets.values()), info["structure"], Path(row["dicom_seg"]))
+        results.append(row)
+    return results

@@ -1,0 +1,82 @@
+"""Segmentation episodes: held-out structures, patient separation, determinism, pseudo-structures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datasets.volume import Volume
+from pipeline.config import validate
+from pipeline.seg_episodes import (
+    fixed_episodes,
+    labelled_episode,
+    make_case,
+    pseudo_episode,
+    split_structures,
+)
+from pipeline.seg_io import SYNTH_STRUCTURES, synthetic_case
+
+SHAPE = (20, 24, 18)
+
+
+def _cfg(**seg):
+    return validate({"task": "segmentation", "episodes": {"shots": 2, "queries": 2, "eval_episodes": 3},
+                     "segmentation": {"crop": [16, 16, 16], "test_patients": 0, **seg}})
+
+
+@pytest.fixture(scope="module")
+def cases():
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(6):
+        image, label = synthetic_case(rng, SHAPE)
+        out.append(make_case(f"c{i}", Volume(image, np.eye(4)), Volume(label, np.eye(4)), SYNTH_STRUCTURES,
+                             _cfg().segmentation))
+    return out
+
+
+def test_no_patient_on_both_sides_and_same_seed_same_episodes(cases) -> None:
+    cfg = _cfg(held_out=["spleen"])
+    eps = fixed_episodes(cfg, "test", 5, cases)
+    assert len(eps) == 5 and {e["structure"] for e in eps} == {"spleen"}
+    for ep in eps:
+        sides = {role: {c["patient_key"] for c in ep["cases"] if c["role"] == role} for role in ("support", "query")}
+        assert len(sides["support"]) == 2 and sides["query"]
+        assert not sides["support"] & sides["query"]
+    assert fixed_episodes(cfg, "test", 5, cases) == eps
+    assert fixed_episodes(validate({**_cfg(held_out=["spleen"]).__dict__, "seed": 1}), "test", 5, cases) != eps
+
+
+def test_held_out_structure_never_in_training_episodes(cases) -> None:
+    cfg = _cfg(held_out=["spleen"], supervision="labels", setting=2)
+    split = split_structures(cases, ["spleen"])
+    assert split == {"train": ["kidney", "liver"], "test": ["spleen"]}
+    by_id = {c.case_id: c for c in cases}
+    rng = np.random.default_rng(0)
+    drawn = 0
+    for _ in range(30):
+        info: dict = {}
+        ep = labelled_episode(cases, split["train"], cfg, rng, split["test"], info)
+        assert info["structure"] != "spleen"
+        keys = {role: {c["patient_key"] for c in info["record"]["cases"] if c["role"] == role}
+                for role in ("support", "query")}
+        assert not keys["support"] & keys["query"]
+        if ep is None:
+            continue
+        drawn += 1
+        for case_id, (_, _, k) in info["views"]:  # Setting 2: no training slice touches the held-out organ
+            assert not by_id[case_id].mask("spleen")[:, :, k].any()
+    assert drawn > 0
+
+
+def test_pseudo_label_episodes_have_non_trivial_masks(cases) -> None:
+    for mode, kind in (("2d", "slic"), ("3d", "slic"), ("2d", "felzenszwalb")):
+        cfg = _cfg(mode=mode, supervoxels=kind, n_supervoxels=20)
+        rng = np.random.default_rng(0)
+        got = [e for e in (pseudo_episode(cases, cfg, rng, []) for _ in range(6)) if e is not None]
+        assert got, (mode, kind)
+        for sx, sm, qx, qm in got:
+            assert sx.shape == sm.shape and qx.shape == qm.shape and sx.shape[1] == 1
+            for m in (sm, qm):
+                share = m.float().mean().item()
+                assert 0 < share < 0.9, (mode, kind, share)
