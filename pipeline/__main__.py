@@ -41,14 +41,44 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", type=Path, help="folder tree to index (TCIA-style DICOM, NIfTI, Decathlon)")
     p.add_argument("--labels", type=Path, default=None, help="findings CSV to join onto the series rows")
     p.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
+    p.add_argument("--workers", type=int, default=0, help="header-reading processes (default: in-process)")
+    p.add_argument("--salt", default=None, help="patient-key salt (default: env FEWSCAN_SALT, else a public one)")
+    p.add_argument("--raw-ids", action="store_true", help="keep raw patient-ID columns of the findings CSV")
+    p.add_argument("--no-cache", action="store_true",
+                   help="re-read every file (default: reuse OUT.cache.json for unchanged files)")
 
 
 def _index(args: argparse.Namespace) -> int:
     from datasets.index import index_tree, write_manifest
 
-    rows = index_tree(args.root, labels=args.labels)
+    cache = None if args.no_cache else args.out.with_name(args.out.name + ".cache.json")
+    rows = index_tree(args.root, labels=args.labels, workers=args.workers, salt=args.salt, raw_ids=args.raw_ids,
+                      cache=cache)
     write_manifest(rows, args.out)
     print(f"indexed {len(rows)} rows -> {args.out}")
+    return 0
+
+
+# --- convert -------------------------------------------------------------------------------------------
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", type=Path, help="DICOM series folder or file, SEG/RTSTRUCT file, or label map")
+    p.add_argument("out", type=Path, help="NIfTI file to write (.nii or .nii.gz)")
+    p.add_argument("--series", default=None, metavar="UID", help="series to convert when INPUT holds several")
+    p.add_argument("--reference", type=Path, default=None, metavar="SERIES_DIR",
+                   help="image series of a SEG/RTSTRUCT/label map (labels come out on its grid)")
+    p.add_argument("--stack", type=int, default=None,
+                   help="only this stack of a series that splits (mixed orientation/size/echo/type)")
+    p.add_argument("--irregular", choices=("error", "resample"), default="error",
+                   help="missing slices, non-uniform spacing, gantry tilt: refuse (default) or resample")
+    p.add_argument("--masks", action="store_true", help="label objects: one 0/1 volume per segment (4D)")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from datasets.convert import convert
+
+    for path in convert(args.input, args.out, series_uid=args.series, reference=args.reference,
+                        stack=args.stack, irregular=args.irregular, masks=args.masks):
+        print(f"wrote {path}")
     return 0
 
 
@@ -56,6 +86,8 @@ def _index(args: argparse.Namespace) -> int:
 # `summary_table(report) -> str`.
 TASKS: dict[str, str] = {
     "classification": "pipeline.classify",
+    "segmentation": "pipeline.segment",
+    "registration": "pipeline.registration",
 }
 
 
@@ -73,13 +105,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.iterations=50 (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="run directory to create")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/last (classification resumes from there automatically when present)")
 
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = task_module(cfg.task).train(cfg, args.out)
+    run_dir = task_module(cfg.task).train(cfg, args.out, **({"resume": True} if args.resume else {}))
     print(f"run directory: {run_dir}")
     return 0
 
@@ -88,6 +122,8 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, help="run directory written by `train`")
     p.add_argument("--out", type=Path, default=None, help="report path (default RUN_DIR/report.json)")
+    p.add_argument("--episodes", type=Path, default=None, metavar="FILE",
+                   help="evaluate on exactly these episodes (written by `episodes`), for paired comparisons")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -97,9 +133,52 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise FewscanError(f"{args.run_dir}: not a run directory (no config.yaml); run `train` first")
     task = (yaml.safe_load((args.run_dir / "config.yaml").read_text()) or {}).get("task", "classification")
     module = task_module(task)
-    report = module.evaluate(args.run_dir, args.out)
+    extra = {"episodes_file": args.episodes} if args.episodes is not None else {}
+    report = module.evaluate(args.run_dir, args.out, **extra)
     print(module.summary_table(report))
     print(f"report: {args.out or args.run_dir / 'report.json'}")
+    return 0
+
+
+# --- episodes ----------------------------------------------------------------------------------------
+def _episodes_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="YAML config (the one the compared runs train with)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--split", default="novel", help="which held-out part: novel (default), validation or base")
+    p.add_argument("--n", type=int, default=None, help="number of episodes (default: episodes.eval_episodes)")
+    p.add_argument("--out", type=Path, required=True, help="episode file (JSON) to write")
+
+
+def _episodes(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.episodes import fixed_episodes, save_episode_set
+
+    cfg = load_config(args.config, args.overrides)
+    if args.n is not None and args.n < 1:
+        raise FewscanError("--n must be at least 1")
+    records = fixed_episodes(cfg, args.split, args.n)
+    save_episode_set(records, args.out)
+    print(f"wrote {len(records)} {cfg.task} episodes ({args.split}) -> {args.out}")
+    return 0
+
+
+# --- register ----------------------------------------------------------------------------------------
+def _register_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fixed", type=Path, required=True, help="fixed image (NIfTI, NRRD, MetaImage or DICOM)")
+    p.add_argument("--moving", type=Path, required=True, help="moving image, warped onto the fixed grid")
+    p.add_argument("--moving-labels", type=Path, default=None, help="label map of the moving image (optional)")
+    p.add_argument("--checkpoint", type=Path, required=True, help="registration run directory (or its weights)")
+    p.add_argument("--modality", default=None, help="intensity preset key, e.g. MRI or CT (default: the run's)")
+    p.add_argument("--out", type=Path, required=True, help="folder for warped image, labels and field")
+
+
+def _register(args: argparse.Namespace) -> int:
+    from pipeline.registration import register_files
+
+    summary = register_files(args.fixed, args.moving, args.moving_labels, args.checkpoint, args.out, args.modality)
+    print(f"wrote {', '.join(summary['outputs'])} -> {args.out} ({summary['seconds']:.1f} s, "
+          f"folding {summary['folding'] * 100:.3f}%)")
     return 0
 
 
@@ -128,11 +207,75 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- adapt / predict -----------------------------------------------------------------------------------
+def _adapt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run directory, checkpoint folder (RUN/best, RUN/last) or weights file")
+    p.add_argument("--support", type=Path, required=True,
+                   help="support CSV (path,label[,centre columns]) or a class-per-folder directory")
+    p.add_argument("--out", type=Path, required=True, help="folder for the adapted model")
+    p.add_argument("--structure", default=None,
+                   help="segmentation runs: structure name (or label value) in the support labels; the support "
+                        "is then a CSV of image,label rows (NIfTI / DICOM folder; label map, DICOM-SEG, RTSTRUCT)")
+
+
+def _run_task(folder: Path) -> str:
+    """The task a run, checkpoint or adapted folder was trained for (its config.yaml, or its parent's)."""
+    import yaml
+
+    for d in (folder, folder.parent):
+        if (d / "config.yaml").is_file():
+            return (yaml.safe_load((d / "config.yaml").read_text()) or {}).get("task", "classification")
+    return "classification"
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from pipeline.adapt import adapt
+
+    if _run_task(args.run) == "segmentation":
+        from pipeline.segment import adapt as adapt_segmentation
+
+        summary = adapt_segmentation(args.run, args.support, args.out, args.structure)
+        print(f"adapted {summary['method']} segmentation of {summary['structure']} "
+              f"({summary['shots']} support scans) -> {args.out}")
+        return 0
+    summary = adapt(args.run, args.support, args.out)
+    print(f"adapted {summary['method']} to {summary['support_per_class']} -> {args.out}")
+    return 0
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapted", type=Path, help="folder written by `adapt`")
+    p.add_argument("inputs", type=Path, nargs="+", help="DICOM series folders, NIfTI files or 2D images")
+    p.add_argument("--centre", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                   help="lesion centre for 3D inputs, in the run's data.center_frame (default: volume centre)")
+    p.add_argument("--out", type=Path, default=Path("predictions"),
+                   help="segmentation: folder for the NIfTI masks (and DICOM-SEGs for DICOM inputs)")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.adapt import format_predictions, predict
+
+    if _run_task(args.adapted) == "segmentation":
+        from pipeline.segment import predict as predict_segmentation
+
+        for row in predict_segmentation(args.adapted, args.inputs, args.out):
+            print(f"{row['input']}: {row['voxels']} voxels -> {row['nifti']}"
+                  + (f", {row['dicom_seg']}" if "dicom_seg" in row else ""))
+        return 0
+    print(format_predictions(predict(args.adapted, args.inputs, args.centre)))
+    return 0
+
+
 VERBS: dict[str, Verb] = {
     "synth": (_synth_args, _synth),
     "index": (_index_args, _index),
+    "convert": (_convert_args, _convert),
     "train": (_train_args, _train),
     "evaluate": (_evaluate_args, _evaluate),
+    "episodes": (_episodes_args, _episodes),
+    "adapt": (_adapt_args, _adapt),
+    "predict": (_predict_args, _predict),
+    "register": (_register_args, _register),
     "demo": (_demo_args, _demo),
 }
 
@@ -155,8 +298,13 @@ def main(argv: list[str] | None = None) -> int:
 VERB_HELP: dict[str, str] = {
     "synth": "write the seeded synthetic TCIA-style demo cohort (DICOM + NIfTI + findings.csv)",
     "index": "index a folder tree into a manifest CSV",
+    "convert": "convert a DICOM series, SEG, RTSTRUCT or label map to NIfTI (dcm2niix-equivalent geometry)",
     "train": "meta-train from a YAML config into a run directory",
     "evaluate": "evaluate a run on its held-out classes over fixed episodes; writes report.json",
+    "episodes": "write a fixed evaluation episode file (exact cases per episode) for paired comparisons",
+    "adapt": "adapt a trained run to new classes from a few labelled scans (support CSV or class folders)",
+    "predict": "per-class probabilities for scans from a model written by `adapt`",
+    "register": "warp a moving image (and labels) onto a fixed one with a registration run; ITK displacement field",
     "demo": "synth + train + evaluate on the embedded synthetic cohort, then print a summary",
 }
 

@@ -26,13 +26,16 @@ class ConfigError(FewscanError):
 class DataConfig:
     """Where the collection is and which columns carry the labels."""
 
-    source: Literal["tcia"] = "tcia"
-    root: str = ""  # collection folder; relative paths resolve against the current directory
+    source: Literal["tcia", "decathlon", "npz", "folder"] = "tcia"
+    root: str = ""  # collection folder (npz: the .npz file); relative paths resolve against the current directory
     labels: str | None = "findings.csv"  # findings CSV joined onto the series (relative to root)
     manifest: str | None = None  # an existing manifest CSV; default: index `root` into the run directory
     label_column: str = "lesion_type"
     center_columns: list[str] = Field(default_factory=lambda: ["lps_x", "lps_y", "lps_z"])
     center_frame: Literal["LPS", "RAS"] = "LPS"  # DICOM patient coordinates are LPS
+    npz_parts: list[str] | None = None  # npz with MedMNIST keys: parts to pool (default all of train/val/test)
+    structures: list[str] | None = None  # decathlon: structure names to crop around (default all named labels)
+    min_voxels: int = Field(default=1, ge=1)  # decathlon: a structure smaller than this in a case is skipped
 
 
 @dataclass(config=_STRICT)
@@ -41,16 +44,54 @@ class SplitConfig:
 
     novel: list[str] = Field(default_factory=list)
     validation: list[str] = Field(default_factory=list)
+    patients: PatientSplitConfig = Field(default_factory=lambda: PatientSplitConfig())
+
+
+@dataclass(config=_STRICT)
+class PatientSplitConfig:
+    """Patient-level split (by group key, seeded): base classes train on `train` patients, validation classes use
+    `validation` patients, novel classes are evaluated on `test` patients. All zero: no patient split."""
+
+    validation: float = Field(default=0.0, ge=0.0, lt=1.0)
+    test: float = Field(default=0.0, ge=0.0, lt=1.0)
 
 
 @dataclass(config=_STRICT)
 class TransformConfig:
     """Deterministic preprocessing of each finding into a fixed-size crop."""
 
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # target voxel size, mm (RAS axes)
+    preset: Literal["ct", "mr", "auto", "none"] = "ct"  # auto: by the volume's modality (CT / MR / else none)
+    spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # target voxel size, mm (RAS axes); None: keep
+    ct_window: Literal["soft_tissue", "lung", "bone", "custom"] = "custom"  # custom: `window`
     window: tuple[float, float] = (-1000.0, 400.0)  # HU range mapped to [0, 1], clipped
+    mr_norm: Literal["percentile", "zscore"] = "percentile"
+    percentiles: tuple[float, float] = (1.0, 99.0)  # MR percentile normalisation: these map to [0, 1]
+    n4: bool = False  # MR: SimpleITK N4 bias-field correction before normalising (slow: seconds per volume)
+    volume_size: tuple[int, int, int] | None = None  # whole-volume presets: centre crop/pad to this size
     roi_size: tuple[int, int, int] = (24, 24, 24)  # crop around the finding centre, voxels at `spacing`
     resize: tuple[int, int, int] | None = None  # optional final resize
+    slice_axis: Literal["none", "sagittal", "coronal", "axial"] = "none"  # 2D: the crop's central slice
+    image_size: tuple[int, int] | None = None  # 2D sources (npz, PNG): resize every image to this (H, W)
+    augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig())
+
+
+@dataclass(config=_STRICT)
+class AugmentConfig:
+    """Training-only augmentation, drawn per episode on the support and query tensors; evaluation never augments."""
+
+    enabled: bool = False
+    prob: float = Field(default=0.5, ge=0.0, le=1.0)  # chance of each transform per item
+    flip_axes: list[int] = Field(default_factory=list)  # spatial axes to flip at random (0 = first)
+    rotate_deg: float = Field(default=10.0, ge=0.0)
+    scale: float = Field(default=0.1, ge=0.0)  # relative zoom range
+    translate: float = Field(default=0.0, ge=0.0)  # voxels
+    noise_std: float = Field(default=0.02, ge=0.0)
+    intensity_shift: float = Field(default=0.05, ge=0.0)
+    intensity_scale: float = Field(default=0.1, ge=0.0)
+    gamma: tuple[float, float] | None = (0.8, 1.25)  # random contrast (gamma) range
+    bias_field: float = Field(default=0.0, ge=0.0)  # torchio RandomBiasField coefficient (0: off)
+    motion: float = Field(default=0.0, ge=0.0, le=1.0)  # probability of torchio RandomMotion (3D only)
+    ghosting: float = Field(default=0.0, ge=0.0, le=1.0)  # probability of torchio RandomGhosting (3D only)
 
 
 @dataclass(config=_STRICT)
@@ -61,23 +102,38 @@ class EpisodeConfig:
     shots: int = Field(default=5, ge=1)
     queries: int = Field(default=5, ge=1)
     eval_episodes: int = Field(default=200, ge=1)
+    workers: int = Field(default=0, ge=0)  # DataLoader worker processes assembling training episodes
+    prefetch: int = Field(default=2, ge=1)  # episodes each worker prepares ahead
 
 
 @dataclass(config=_STRICT)
 class ModelConfig:
     """Encoder architecture."""
 
-    encoder: Literal["conv3d"] = "conv3d"
-    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    encoder: Literal["conv3d", "conv4_2d", "conv4_3d", "resnet10_2d", "resnet18_2d", "resnet10_3d",
+                     "resnet18_3d"] = "conv3d"
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])  # conv3d blocks
+    filters: int = Field(default=64, ge=1)  # conv4_*: width of each of the 4 blocks
+    norm: Literal["group", "batch", "instance"] = "group"  # batch = batch statistics always (no running stats)
     norm_groups: int = Field(default=8, ge=1)  # GroupNorm: batch-independent, safe for episodic training
+    in_channels: int = Field(default=1, ge=1)  # set from the data at training time
 
 
 @dataclass(config=_STRICT)
 class MethodConfig:
     """Meta-learning algorithm."""
 
-    name: Literal["protonet"] = "protonet"
-    distance: Literal["euclidean", "cosine"] = "euclidean"
+    name: Literal["protonet", "matching", "siamese", "maml", "metasgd", "reptile", "finetune"] = "protonet"
+    distance: Literal["euclidean", "cosine"] = "euclidean"  # protonet
+    inner_steps: int = Field(default=5, ge=0)  # maml / metasgd / reptile: inner steps in meta-training
+    inner_lr: float = Field(default=0.4, gt=0)  # inner step size (metasgd: initial value of the learned ones)
+    eval_inner_steps: int | None = Field(default=None, ge=0)  # at evaluation/adapt (default: inner_steps)
+    first_order: bool = False  # maml / metasgd: drop second-order terms (memory flat in inner_steps)
+    meta_batch: int = Field(default=1, ge=1)  # tasks per optimiser step
+    vmap: bool = False  # maml / metasgd: vectorise the tasks of a meta-batch with torch.func.vmap
+    margin: float = Field(default=1.0, gt=0)  # siamese: contrastive margin on unit-normalised embeddings
+    head_steps: int = Field(default=100, ge=1)  # finetune: Adam steps fitting the new head on the support
+    head_lr: float = Field(default=0.01, gt=0)  # finetune: the new head's learning rate
 
 
 @dataclass(config=_STRICT)
@@ -90,13 +146,92 @@ class TrainConfig:
     ways: int | None = Field(default=None, ge=2)  # training ways (default: episodes.ways)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = Field(default=25, ge=1)
+    val_every: int = Field(default=50, ge=0)  # validate on the validation classes every N iterations (0: never)
+    val_episodes: int = Field(default=50, ge=1)  # fixed validation episodes
+    patience: int | None = Field(default=None, ge=1)  # early stop after this many validations without gain
+    checkpoint_every: int = Field(default=50, ge=1)  # write RUN_DIR/last every N iterations
+    tensorboard: bool = True  # scalars into RUN_DIR/tensorboard
+
+
+@dataclass(config=_STRICT)
+class SegmentationConfig:
+    """Few-shot segmentation (`task: segmentation`): episodes, prototype network, baselines (pipeline/segment.py)."""
+
+    mode: Literal["2d", "3d"] = "2d"  # 2d: axial slices, SSL-ALPNet protocol; 3d: volumes / crops
+    supervision: Literal["self", "labels"] = "self"  # self: supervoxel pseudo-structures; labels: training organs
+    method: Literal["proto", "maml"] = "proto"
+    held_out: list[str] = Field(default_factory=list)  # evaluated, never trained on; empty: every labelled one
+    test_patients: float = Field(default=0.3, ge=0, lt=1)  # share of patients kept out of training (0: none)
+    setting: Literal[1, 2] = 1  # 2: training slices/crops that contain a held-out structure are dropped
+    modality: Literal["mr", "ct"] = "mr"  # intensity: MR percentiles 0.5-99.5, CT `window`, both to [0, 1]
+    window: tuple[float, float] = (-200.0, 300.0)
+    spacing: tuple[float, float, float] | None = None  # resample to mm (RAS); None keeps the source grid
+    crop: tuple[int, int, int] = (32, 32, 32)  # 3d training crops and sliding-window size
+    encoder: Literal["unet", "basicunet", "segresnet"] = "unet"  # monai.networks.nets backbone
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    features: int = Field(default=32, ge=2)
+    local_pool: int = Field(default=4, ge=1)  # adaptive local prototypes: pooling window, feature voxels
+    local_threshold: float = Field(default=0.95, gt=0, le=1)  # share of a window inside the mask to keep it
+    local_max: int = Field(default=256, ge=1)  # at most this many local windows per item (pool grows to fit)
+    scale: float = Field(default=20.0, gt=0)  # cosine-similarity temperature (PANet)
+    supervoxels: Literal["slic", "felzenszwalb"] = "slic"
+    n_supervoxels: int = Field(default=60, ge=2)
+    chunks: int = Field(default=3, ge=1)  # 2d evaluation: support/query slice chunks (SSL-ALPNet)
+    inner_steps: int = Field(default=3, ge=1)  # maml and finetune: steps on the support
+    inner_lr: float = Field(default=0.01, gt=0)
+    first_order: bool = True
+    finetune_steps: int = Field(default=20, ge=0)
+    baselines: list[Literal["atlas", "finetune"]] = Field(default_factory=lambda: ["finetune"])
+    overlays: int = Field(default=4, ge=0)  # overlay PNGs written by evaluate
+    threads: int = Field(default=0, ge=0)  # torch CPU threads for segmentation train/evaluate; 0: torch's default
+
+
+@dataclass(config=_STRICT)
+class RegistrationConfig:
+    """Few-shot deformable registration (`task: registration`): pairs, network, losses, meta-learning.
+
+    Pairs come from `data.root` (a Decathlon folder) and `extra_roots` (more anatomies/modalities for
+    meta-training only); preprocessing is `transforms` (set `volume_size` so every volume shares one grid).
+    """
+
+    pairing: Literal["inter", "intra"] = "inter"  # moving and fixed from different patients, or the same one
+    patient_regex: str | None = None  # first group of this regex on the case id = the patient; None: one per case
+    image_channels: list[int] | None = None  # multi-channel images: channels used (one task each); None: all
+    extra_roots: list[str] = Field(default_factory=list)  # more Decathlon folders: meta-training tasks only
+    test_patients: float = Field(default=0.3, gt=0, lt=1)  # share of data.root patients held out of training
+    adapt_patients: int = Field(default=3, ge=0)  # held-out patients whose pairs adapt to the new task
+    train_pairs: int = Field(default=400, ge=1)  # fixed pool of training pairs
+    pairs_per_task: int = Field(default=4, ge=1)  # pairs sharing one fixed image: one meta-training task
+    eval_pairs: int = Field(default=20, ge=1)
+    adapt_pairs: int = Field(default=6, ge=0)
+    prealign: Literal["none", "globalnet", "sitk"] = "globalnet"  # affine stage before the deformable network
+    network: Literal["localnet", "regunet", "voxelmorph"] = "localnet"  # monai.networks.nets
+    features: int = Field(default=16, ge=2)  # channels of the first level (>= 16 keeps CPU convs on oneDNN)
+    levels: int = Field(default=3, ge=2)  # resolution levels (volume_size divisible by 2**levels with half_res)
+    half_res: bool = True  # network sees 2x-downsampled images, its field is upsampled (8x less compute)
+    diffeomorphic: bool = False  # network outputs a velocity field, integrated by DVF2DDF
+    integration_steps: int = Field(default=7, ge=1)
+    similarity: Literal["lncc", "mi"] = "lncc"  # local normalised cross-correlation, or global mutual information
+    lncc_kernel: int = Field(default=7, ge=3)
+    regulariser: Literal["bending", "diffusion"] = "bending"
+    reg_weight: float = Field(default=1.0, ge=0)
+    dice_weight: float = Field(default=1.0, ge=0)  # weak supervision by warped labels when pairs have them
+    meta: Literal["reptile", "joint"] = "reptile"  # joint: plain training on all pairs (the ablation)
+    inner_steps: int = Field(default=3, ge=1)  # Reptile: Adam steps on one task before the meta-update
+    meta_lr: float = Field(default=0.5, gt=0, le=1)  # Reptile outer step towards the adapted weights
+    adapt_steps: int = Field(default=20, ge=0)  # test time: steps on the new task's adaptation pairs
+    adapt_lr: float = Field(default=1e-4, gt=0)
+    instance_steps: int = Field(default=0, ge=0)  # test time: unsupervised steps on each evaluated pair
+    instance_lr: float = Field(default=1e-4, gt=0)
+    baseline: Literal["affine+demons", "affine+bspline", "none"] = "affine+demons"  # SimpleITK, same pairs
+    baseline_affine: bool = True  # also report SimpleITK affine alone
 
 
 @dataclass(config=_STRICT)
 class Config:
     """A whole run: data, split, preprocessing, episodes, model, method and schedule."""
 
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "segmentation", "registration"] = "classification"
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -105,6 +240,8 @@ class Config:
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
+    registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
 
 
 # Short names users type on the command line (`--set shots=1`).
