@@ -150,9 +150,12 @@ def _lesion_params(rng: np.random.Generator, kind: str) -> tuple[float, float, d
     elif kind == "metastasis":
         r = u(3.5, 9)
         p |= {"value": u(0, 35), "rim_value": u(50, 90), "rim_mm": u(1.5, 3.0), "lobes": u(0.08, 0.2)}
-    elif kind in RARE_TYPES:  # same size and density ranges: morphology, not mean HU, tells them apart
+    elif kind in RARE_TYPES:  # same size range; solid vs ground-glass density as in radiology, overlapping
         r = u(4.5, 8.5)
-        p |= {"value": u(-550, 40), "texture": u(5, 25)}
+        # Spiculated and cavitary share the solid range (morphology tells them apart); ground glass is hazy
+        # (-700..-350 HU), the radiological definition, so density learnt on common types transfers.
+        solid = kind != "ground_glass_nodule"
+        p |= {"value": u(-150, 60) if solid else u(-700, -350), "texture": u(5, 25)}
         # Air shows in all three (bronchogram, cavity, bubbles), so a dark centre alone does not name the type.
         p["air"] = u(-980, -900)
         if kind == "spiculated_mass":  # sometimes an air bronchogram: a thin air tube across the core

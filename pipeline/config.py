@@ -116,6 +116,7 @@ class ModelConfig:
     filters: int = Field(default=64, ge=1)  # conv4_*: width of each of the 4 blocks
     norm: Literal["group", "batch", "instance"] = "group"  # batch = batch statistics always (no running stats)
     norm_groups: int = Field(default=8, ge=1)  # GroupNorm: batch-independent, safe for episodic training
+    pool_size: int = Field(default=1, ge=1)  # conv encoders: final average-pooling grid (1 = global pooling)
     in_channels: int = Field(default=1, ge=1)  # set from the data at training time
 
 

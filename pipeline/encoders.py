@@ -33,10 +33,13 @@ def norm_spec(norm: str, channels: int, groups: int = 8) -> tuple[str, dict[str,
 
 
 def conv_encoder(spatial_dims: int, in_channels: int, channels: list[int], norm_groups: int = 8,
-                 norm: str = "group") -> nn.Sequential:
-    """Conv-Norm-ReLU-MaxPool blocks, then global average pooling.
+                 norm: str = "group", pool_size: int = 1) -> nn.Sequential:
+    """Conv-Norm-ReLU-MaxPool blocks, then adaptive average pooling to a `pool_size`-wide grid.
 
-    Maps `(B, in_channels, *spatial)` to embeddings `(B, channels[-1])`.
+    Maps `(B, in_channels, *spatial)` to embeddings `(B, channels[-1] * pool_size**spatial_dims)`.
+    `pool_size=1` is global average pooling; a larger grid keeps coarse position (where in the crop a
+    feature sits), which shape-defined classes such as lesion morphologies need, as the original
+    ProtoNet Conv4 did by flattening its last feature map.
     """
     pool = nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d
     gap = nn.AdaptiveAvgPool3d if spatial_dims == 3 else nn.AdaptiveAvgPool2d
@@ -48,9 +51,9 @@ def conv_encoder(spatial_dims: int, in_channels: int, channels: list[int], norm_
             pool(2),
         ]
         c_in = c_out
-    layers += [gap(1), nn.Flatten()]
+    layers += [gap(pool_size), nn.Flatten()]
     net = nn.Sequential(*layers)
-    net.out_dim = channels[-1]
+    net.out_dim = channels[-1] * pool_size**spatial_dims
     return net
 
 
@@ -75,9 +78,9 @@ def _replace_norms(module: nn.Module, spatial_dims: int, norm: str, groups: int)
 
 
 ENCODERS: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "conv3d": lambda cfg, c_in: conv_encoder(3, c_in, cfg.channels, cfg.norm_groups, cfg.norm),
-    "conv4_2d": lambda cfg, c_in: conv_encoder(2, c_in, [cfg.filters] * 4, cfg.norm_groups, cfg.norm),
-    "conv4_3d": lambda cfg, c_in: conv_encoder(3, c_in, [cfg.filters] * 4, cfg.norm_groups, cfg.norm),
+    "conv3d": lambda cfg, c_in: conv_encoder(3, c_in, cfg.channels, cfg.norm_groups, cfg.norm, cfg.pool_size),
+    "conv4_2d": lambda cfg, c_in: conv_encoder(2, c_in, [cfg.filters] * 4, cfg.norm_groups, cfg.norm, cfg.pool_size),
+    "conv4_3d": lambda cfg, c_in: conv_encoder(3, c_in, [cfg.filters] * 4, cfg.norm_groups, cfg.norm, cfg.pool_size),
     "resnet10_2d": lambda cfg, c_in: resnet_encoder(10, 2, c_in, cfg.norm, cfg.norm_groups),
     "resnet18_2d": lambda cfg, c_in: resnet_encoder(18, 2, c_in, cfg.norm, cfg.norm_groups),
     "resnet10_3d": lambda cfg, c_in: resnet_encoder(10, 3, c_in, cfg.norm, cfg.norm_groups),

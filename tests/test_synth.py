@@ -226,7 +226,7 @@ def test_refuses_non_empty_output_and_bad_size(tmp_path: Path) -> None:
 
 def test_linear_probe_on_raw_intensities_does_not_solve_rare_types() -> None:
     """Crops 24^3 at 1 mm around rare findings; multinomial logistic regression, patient-disjoint halves."""
-    crops, y, groups = lesion_crops(plan_cohort(11, 80), RARE_TYPES)
+    crops, y, groups = lesion_crops(plan_cohort(11, 120), RARE_TYPES)
     x = torch.as_tensor(np.clip((crops + 1000) / 1400, 0, 1).reshape(len(crops), -1))
     patients = np.random.default_rng(0).permutation(np.unique(groups))
     train = torch.as_tensor(np.isin(groups, patients[: len(patients) // 2]))
