@@ -46,7 +46,7 @@ def episode_metrics(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any
         per["accuracy"].append(float((pred == y).mean()))
         per["balanced_accuracy"].append(balanced_accuracy(pred, y, probs.shape[1]))
         per["auc"].append(macro_auc(probs, y))
-    return {name: mean_ci95(values) for name, values in per.items()}
+    return {name: mean_ci95(values, bounds=(0.0, 1.0)) for name, values in per.items()}
 
 
 def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None = None) -> dict[str, Any]:

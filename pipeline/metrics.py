@@ -9,7 +9,8 @@ import numpy as np
 from scipy import stats
 
 
-def mean_ci95(values: Sequence[float]) -> dict[str, float | list[float] | int]:
+def mean_ci95(values: Sequence[float],
+              bounds: tuple[float, float] | None = None) -> dict[str, float | list[float] | int]:
     """Mean with a two-sided 95% Student-t confidence interval over episodes.
 
     Returns:
@@ -20,7 +21,10 @@ def mean_ci95(values: Sequence[float]) -> dict[str, float | list[float] | int]:
     if len(x) < 2:
         return {"mean": mean, "ci95": [mean, mean], "std": 0.0, "n": len(x)}
     half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "std": float(x.std(ddof=1)), "n": len(x)}
+    low, high = mean - half, mean + half
+    if bounds is not None:  # a t-interval can leave a bounded metric's range (e.g. accuracy near 1)
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"mean": mean, "ci95": [low, high], "std": float(x.std(ddof=1)), "n": len(x)}
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

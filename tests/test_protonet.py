@@ -52,3 +52,9 @@ def test_classification_metrics_by_hand() -> None:
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
     assert macro_auc(probs, np.array([0, 0, 1, 1])) == 1.0
     assert confusion_matrix(y, pred, 2).tolist() == [[2, 1], [0, 1]]
+
+
+def test_mean_ci95_clips_to_bounds() -> None:
+    out = mean_ci95([1.0, 1.0, 0.8, 1.0], bounds=(0.0, 1.0))
+    assert out["ci95"][1] == 1.0 and out["ci95"][0] < out["mean"] < 1.0
+    assert mean_ci95([1.0, 1.0, 0.8, 1.0])["ci95"][1] > 1.0  # unbounded by default
