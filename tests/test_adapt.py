@@ -1,25 +1,13 @@
 """train -> evaluate -> adapt -> predict on a tiny npz source, through the command line."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.__main__ import main
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread while these tests run (restored after): tiny models on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,5 @@
 """The functional inner loop: hand-computed MAML gradients, first vs second order, Meta-SGD, Reptile, vmap."""
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,15 +10,6 @@ from pipeline.encoders import conv_encoder
 from pipeline.methods.maml import MAML, adapt, adapt_functional, adapt_inference, call, vmap_task_losses
 from pipeline.methods.metasgd import MetaSGD
 from pipeline.methods.reptile import Reptile
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread while these tests run (restored after): tiny models on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def linear_case(first_order: bool) -> tuple[float, float]:

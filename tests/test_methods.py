@@ -1,7 +1,6 @@
 """Every registered method: shapes, fit/predict == forward, training gradients; hand checks; norm policy."""
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,15 +12,6 @@ from pipeline.methods import METHODS, build_method
 from pipeline.methods.maml import MAML
 from pipeline.methods.matching import matching_logits
 from pipeline.methods.siamese import contrastive_loss, nearest_support_logits
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread while these tests run (restored after): tiny models on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def episode(n: int = 3, k: int = 2, q: int = 2, size: int = 16) -> tuple[torch.Tensor, ...]:

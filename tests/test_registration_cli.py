@@ -8,7 +8,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from datasets.sources import load_nifti
 from pipeline.__main__ import main
@@ -16,15 +15,6 @@ from pipeline.config import validate
 from pipeline.deformation import from_sitk, read_displacement_field, to_sitk, warp_array
 from pipeline.reg_episodes import write_synthetic_decathlon
 from pipeline.registration import load_checkpoint, predict_transform, train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread while these tests run: on a shared 2-core machine a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

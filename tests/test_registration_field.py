@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
-import torch
 from scipy import ndimage
 
 from datasets.volume import Volume
@@ -24,16 +22,6 @@ from pipeline.deformation import (
     warp_array,
     write_displacement_field,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread while these tests run: on a shared 2-core machine a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 
 def smooth_image(shape: tuple[int, int, int] = (20, 22, 18), seed: int = 0) -> np.ndarray:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 from pipeline.config import RegistrationConfig
@@ -16,14 +15,6 @@ from pipeline.methods.registration import (
     reptile_step,
     train_steps,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def setup() -> tuple[RegistrationConfig, RegistrationNet, Losses, tuple]:

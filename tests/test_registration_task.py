@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.config import validate
 from pipeline.reg_episodes import write_synthetic_decathlon
@@ -20,14 +19,6 @@ def tiny_config(root: Path, **reg) -> dict:
             "registration": {"test_patients": 0.5, "adapt_patients": 2, "train_pairs": 8, "pairs_per_task": 2,
                              "eval_pairs": 3, "adapt_pairs": 2, "features": 4, "levels": 2, "inner_steps": 2,
                              "adapt_steps": 2, "baseline": "affine+demons", "baseline_affine": False, **reg}}
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread while these tests run: on a shared 2-core machine a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 
