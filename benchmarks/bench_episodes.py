@@ -1,7 +1,13 @@
-"""Classification episode throughput: episodes/s with 0 and 2 DataLoader workers, and the share of a training
-step spent waiting for data (a Conv4-style encoder, ProtoNet loss, forward + backward).
+"""Episode throughput for the three task kinds: episodes/s with 0 and 2 DataLoader workers, and the share of a
+training step spent waiting for data.
 
     .venv/bin/python benchmarks/bench_episodes.py [--data ../shared/data] [--episodes 200] [--steps 60]
+        [--kinds classification segmentation registration]
+
+Classification steps: a Conv4-style encoder, ProtoNet loss, forward + backward + Adam. Segmentation: the ready
+config `configs/segment_decathlon_ssl.yaml` (2D prototype U-Net, self-supervised supervoxel episodes with
+augmentation) on a synthetic Decathlon folder. Registration: `configs/register_decathlon.yaml` (one Reptile task:
+3 inner steps of 2 pairs each) on a synthetic Decathlon folder.
 
 Sources: MedNIST (`mednist/mednist_64px_cap1000.npz`, 2D 64x64) and the synthetic TCIA cohort (24^3 crops around
 each finding; written into a temporary folder first). Each is measured without and with augmentation (the random
@@ -11,12 +17,15 @@ part runs in the workers). Figures depend on machine load; run on an otherwise i
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from pipeline.config import AugmentConfig, validate  # noqa: E402
 from pipeline.data import Items, open_source  # noqa: E402
 from pipeline.encoders import conv_encoder  # noqa: E402
-from pipeline.episodes import EpisodeDataset, episode_loader  # noqa: E402
+from pipeline.episodes import EpisodeDataset, EpisodeStream, episode_loader  # noqa: E402
 from transforms.augment import build_augmenter  # noqa: E402
 
 WAYS, SHOTS, QUERIES = 5, 5, 5
@@ -95,6 +104,96 @@ def _step(encoder: torch.nn.Module, opt: torch.optim.Optimizer, sx: torch.Tensor
     opt.step()
 
 
+# --- segmentation and registration: the training streams and steps of the ready configs --------------------------
+def timed_stream(stream_fn: Callable[[], EpisodeStream], step: Callable[[Any], None] | None, workers: int,
+                 n: int) -> tuple[float, float]:
+    """(episodes/s, share of step time waiting for data) over `n` episodes after one untimed warm-up episode;
+    without `step` the loader alone is timed (share 0)."""
+    it = iter(episode_loader(stream_fn(), workers=workers, prefetch=4))
+    first = next(it)
+    if step is not None:
+        step(first)
+    wait = total = 0.0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        episode = next(it)
+        t1 = time.perf_counter()
+        if step is not None:
+            step(episode)
+        wait += t1 - t0
+        total += time.perf_counter() - t0
+    return n / total, wait / total
+
+
+def segmentation_bench(tmp: Path, cases: int, overrides: tuple[str, ...] = ()
+                       ) -> tuple[Callable[[], EpisodeStream], Callable[[Any], None]]:
+    from monai.losses import DiceCELoss
+
+    from pipeline.config import load_config
+    from pipeline.seg_episodes import SegEpisodes, load_cases, precompute_supervoxels, split_structures
+    from pipeline.seg_io import write_synthetic_decathlon
+    from pipeline.segment import build_model
+
+    if not (tmp / "seg" / "dataset.json").is_file():
+        write_synthetic_decathlon(tmp / "seg", n_cases=cases, shape=(40, 50, 40), seed=0)
+    cfg = load_config(REPO / "configs" / "segment_decathlon_ssl.yaml", [f"data.root={tmp / 'seg'}", *overrides])
+    loaded = load_cases(cfg)
+    precompute_supervoxels(loaded, cfg.segmentation, workers=2)
+    split = split_structures(loaded, cfg.segmentation.held_out)
+    model, loss_fn = build_model(cfg), DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(ep: Any) -> None:
+        sx, sm, qx, qm = ep
+        loss = loss_fn(model(sx, sm, qx), qm)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return lambda: SegEpisodes(loaded, cfg, split, length=10**9), step
+
+
+def registration_bench(tmp: Path, cases: int) -> tuple[Callable[[], EpisodeStream], Callable[[Any], None]]:
+    from pipeline.config import load_config
+    from pipeline.methods.registration import Losses, reptile_step
+    from pipeline.reg_episodes import PairData, RegEpisodes, fixed_pairs, write_synthetic_decathlon
+    from pipeline.registration import build_net, n_labels
+
+    write_synthetic_decathlon(tmp / "reg", n_cases=cases, shape=(40, 50, 40), seed=0)
+    cfg = load_config(REPO / "configs" / "register_decathlon.yaml", [f"data.root={tmp / 'reg'}"])
+    pairs = fixed_pairs(cfg, "train")
+    data = PairData(cfg, pairs)
+    model, losses = build_net(cfg, data.shape), Losses(cfg.registration, n_labels(pairs))
+    state: dict[str, Any] = {"inner": None}
+
+    def step(batches: Any) -> None:
+        steps = iter(batches)
+        _, state["inner"] = reptile_step(model, losses, lambda: next(steps), cfg.registration.inner_steps,
+                                         cfg.train.lr, cfg.registration.meta_lr, state["inner"])
+
+    return lambda: RegEpisodes(data, cfg, length=10**9), step
+
+
+def volume_kinds(kinds: list[str], episodes: int, steps: int) -> None:
+    print("\n| task kind | workers | episodes/s (loader) | steps/s (training) | data wait share |")
+    print("|---|---|---|---|---|")
+    seg3d = functools.partial(segmentation_bench, overrides=("segmentation.mode=3d", "segmentation.crop=[32,32,32]"))
+    makers = {"segmentation": (segmentation_bench, 60), "segmentation-3d": (seg3d, 60),
+              "registration": (registration_bench, 30)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in kinds:
+            if kind not in makers:
+                continue  # classification: below
+            maker, cases = makers[kind]
+            t0 = time.perf_counter()
+            stream_fn, step = maker(Path(tmp), cases)
+            print(f"({kind}: {cases} synthetic volumes prepared in {time.perf_counter() - t0:.1f} s)", flush=True)
+            for workers in (0, 2):
+                rate, _ = timed_stream(stream_fn, None, workers, episodes)
+                step_rate, share = timed_stream(stream_fn, step, workers, steps)
+                print(f"| {kind} | {workers} | {rate:.1f} | {step_rate:.2f} | {100 * share:.0f}% |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("FEWSCAN_DATA", REPO.parent / "shared" /
@@ -102,8 +201,14 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=200, help="episodes timed per loader setting")
     parser.add_argument("--steps", type=int, default=60, help="training steps timed per setting")
     parser.add_argument("--patients", type=int, default=24, help="synthetic cohort size")
+    parser.add_argument("--kinds", nargs="+",
+                        default=["classification", "segmentation", "segmentation-3d", "registration"])
+    parser.add_argument("--threads", type=int, default=0, help="torch threads of the training process (0: all cpus)")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2)))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2)))
+    volume_kinds(args.kinds, args.episodes // 4, args.steps // 4)
+    if "classification" not in args.kinds:
+        return
     sources: dict[str, Items] = {}
     if (args.data / "mednist" / "mednist_64px_cap1000.npz").is_file():
         sources["mednist 64x64"] = mednist_items(args.data)

@@ -298,11 +298,33 @@ def evaluation_episodes(cfg: Any, split: dict[str, Any], labels: Sequence[str], 
 
 
 # --- streaming training episodes ---------------------------------------------------------------------------------
-class EpisodeDataset(IterableDataset):
-    """An endless (or `length`-long) stream of episode tensors `(sx, sy, qx, qy)` for a `DataLoader`.
+class EpisodeStream(IterableDataset):
+    """Episodes `make(i)` for `i = start, start + 1, ...` (up to `length`, exclusive; None: endless).
 
-    Episode `i` is drawn from `default_rng([seed, i])`, and worker `w` of `W` makes episodes `w, w + W, ...`; the
-    DataLoader interleaves workers round-robin, so the stream is the same for any number of workers.
+    Subclasses define `make(i)` as a pure function of `i` (seed their randomness from `i`). Worker `w` of `W`
+    makes episodes `w, w + W, ...` and the DataLoader interleaves workers round-robin, so the stream is the same
+    for any number of workers, and resuming at `start` skips episodes without drawing them.
+    """
+
+    def __init__(self, length: int | None = None, start: int = 0) -> None:
+        super().__init__()
+        self.length, self.start = length, start
+
+    def make(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        i, step = (info.id, info.num_workers) if info is not None else (0, 1)
+        i += self.start
+        while self.length is None or i < self.length:
+            yield self.make(i)
+            i += step
+
+
+class EpisodeDataset(EpisodeStream):
+    """A stream of classification episode tensors `(sx, sy, qx, qy)`; episode `i` is drawn from
+    `default_rng([seed, i])` (see `EpisodeStream` for workers and resuming).
 
     Args:
         x: items `(M, C, *spatial)` (shared with worker processes, not copied).
@@ -312,42 +334,42 @@ class EpisodeDataset(IterableDataset):
         seed: stream seed.
         augment: optional `(batch, rng) -> batch` applied to support and query (training only).
         length: stream end, exclusive (None: endless).
-        start: index of the first episode (resuming: skip episodes without drawing or augmenting them).
+        start: index of the first episode.
     """
 
     def __init__(self, x: torch.Tensor, labels: Sequence[str], groups: Sequence[str], classes: Sequence[str],
                  ways: int, shots: int, queries: int, seed: int = 0,
                  augment: Callable[[torch.Tensor, np.random.Generator], torch.Tensor] | None = None,
                  length: int | None = None, start: int = 0) -> None:
-        super().__init__()
+        super().__init__(length, start)
         self.x = x
         self.sampler = EpisodeSampler(labels, groups, classes, ways, shots, queries, seed)  # checks minimums now
-        self.seed, self.augment, self.length, self.start = seed, augment, length, start
+        self.seed, self.augment = seed, augment
 
     def episode(self, i: int) -> Episode:
-        """Episode number `i` of the stream."""
+        """Episode number `i` of the stream (indices only)."""
         return self.sampler.sample(rng=np.random.default_rng([self.seed, i]))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        info = get_worker_info()
-        i, step = (info.id, info.num_workers) if info is not None else (0, 1)
-        i += self.start
+    def make(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Episode `i` as tensors: support `(N*K, C, *S)`, labels `(N*K,)`, query `(N*Q, C, *S)`, labels `(N*Q,)`."""
         s = self.sampler
-        while self.length is None or i < self.length:
+        ep = self.episode(i)
+        sy, qy = ep.labels(s.shots, s.queries)
+        # Stacking per-item views: a fancy-index gather runs multi-threaded and crawls on a busy machine.
+        sx = torch.stack([self.x[j] for j in ep.support])
+        qx = torch.stack([self.x[j] for j in ep.query])
+        if self.augment is not None:
             rng = np.random.default_rng([self.seed, i, 1])
-            ep = self.episode(i)
-            sy, qy = ep.labels(s.shots, s.queries)
-            # Stacking per-item views: a fancy-index gather runs multi-threaded and crawls on a busy machine.
-            sx = torch.stack([self.x[i] for i in ep.support])
-            qx = torch.stack([self.x[i] for i in ep.query])
-            if self.augment is not None:
-                sx, qx = self.augment(sx, rng), self.augment(qx, rng)
-            yield sx, torch.as_tensor(sy), qx, torch.as_tensor(qy)
-            i += step
+            sx, qx = self.augment(sx, rng), self.augment(qx, rng)
+        return sx, torch.as_tensor(sy), qx, torch.as_tensor(qy)
 
 
-def episode_loader(dataset: EpisodeDataset, workers: int = 0, prefetch: int = 2) -> DataLoader:
-    """A DataLoader over an `EpisodeDataset`: one episode per step, `workers` processes `prefetch` episodes ahead."""
+def episode_loader(dataset: EpisodeStream, workers: int = 0, prefetch: int = 2) -> DataLoader:
+    """A DataLoader over an `EpisodeStream`: one episode per step, `workers` processes `prefetch` episodes ahead.
+
+    With `workers: 0` episodes are made in the training process; that is fastest when an episode is a cheap
+    gather of cached tensors (worker IPC costs more than it saves, benchmarks/README.md).
+    """
     extra = {"prefetch_factor": prefetch, "persistent_workers": True} if workers > 0 else {}
     return DataLoader(dataset, batch_size=None, num_workers=workers, **extra)
 

@@ -21,11 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from datasets.index import patient_key
-from datasets.sources import DecathlonSet, read_decathlon
-from datasets.volume import FewscanError, InputError
+from datasets.sources import DecathlonSet, load_label_map, load_nifti, read_decathlon
+from datasets.volume import FewscanError, InputError, Volume
 from pipeline.config import Config
+from pipeline.episodes import EpisodeStream
+from pipeline.methods.registration import Batch
 
 SPLITS = ("train", "adapt", "eval")
 # the names the `episodes` verb uses for classification splits
@@ -188,6 +192,101 @@ def roles(pair: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The (moving, fixed) case dicts of a pair."""
     by_role = {c["role"]: c for c in pair["cases"]}
     return by_role["moving"], by_role["fixed"]
+
+
+# --- prepared volumes and training episodes ---------------------------------------------------------------------------
+def preprocess(cfg: Config, image: Volume, label: Volume | None, channel: int,
+               modality: str) -> tuple[Volume, Volume | None]:
+    """`transforms.volume_preset` (orientation, spacing, intensity, centre crop/pad) of one case.
+
+    Returns:
+        The prepared image `(I, J, K)` float32 and label map `(I, J, K)` int64 (or None), with the prepared affine.
+    """
+    from transforms.presets import volume_preset, volume_to_dict
+
+    data = volume_preset(cfg.transforms, modality)(volume_to_dict(image, label))
+    affine = np.asarray(data["image"].affine, dtype=float)
+    if channel >= data["image"].shape[0]:
+        raise FewscanError(f"image has {data['image'].shape[0]} channels, channel {channel} requested")
+    img = Volume(np.asarray(data["image"][channel], dtype=np.float32), affine, {"modality": modality})
+    lab = Volume(np.asarray(data["label"][0]).round().astype(np.int64), affine) if "label" in data else None
+    return img, lab
+
+
+class PairData:
+    """Prepared volumes of a set of pairs, each case loaded once; moving images pre-aligned per pair on request."""
+
+    def __init__(self, cfg: Config, pairs: list[dict[str, Any]]) -> None:
+        self.cfg = cfg
+        self.pairs = pairs
+        self.cases: dict[tuple[str, int], tuple[Volume, Volume | None]] = {}
+        for pair in pairs:
+            for case in pair["cases"]:
+                key = (case["image"], pair["channel"])
+                if key not in self.cases:
+                    image = load_nifti(Path(case["image"]))
+                    label = load_label_map(Path(case["label"])) if case["label"] else None
+                    self.cases[key] = preprocess(cfg, image, label, pair["channel"], pair["modality"])
+        shapes = {v[0].array.shape for v in self.cases.values()}
+        if len(shapes) > 1:
+            raise FewscanError(f"prepared volumes differ in shape {sorted(shapes)}: set transforms.volume_size")
+        self.shape = shapes.pop() if shapes else (0, 0, 0)
+        self.aligned: dict[int, tuple[Volume, Volume | None, float]] = {}
+        if cfg.registration.prealign == "sitk":
+            for i in tqdm(range(len(pairs)), desc="SimpleITK affine pre-alignment", unit="pair"):
+                self.aligned[i] = self._sitk_affine(i)
+
+    def volumes(self, i: int) -> tuple[Volume, Volume, Volume | None, Volume | None]:
+        """Moving, fixed, moving labels, fixed labels of pair `i` (moving pre-aligned when configured)."""
+        moving, fixed = roles(self.pairs[i])
+        ch = self.pairs[i]["channel"]
+        (mv, ml), (fv, fl) = self.cases[(moving["image"], ch)], self.cases[(fixed["image"], ch)]
+        if i in self.aligned:
+            mv, ml, _ = self.aligned[i]
+        return mv, fv, ml, fl
+
+    def _sitk_affine(self, i: int) -> tuple[Volume, Volume | None, float]:
+        from pipeline.baselines.sitk_registration import register_sitk, warp_labels
+
+        moving, fixed = roles(self.pairs[i])
+        ch = self.pairs[i]["channel"]
+        (mv, ml), (fv, _) = self.cases[(moving["image"], ch)], self.cases[(fixed["image"], ch)]
+        warped, transform, seconds = register_sitk(fv, mv, "affine", seed=self.cfg.seed)
+        return warped, warp_labels(ml, fv, transform) if ml is not None else None, seconds
+
+    def batch(self, indices: list[int]) -> Batch:
+        """Tensors `(B, 1, *S)` of the given pairs; label tensors only when every pair has labels."""
+        vols = [self.volumes(i) for i in indices]
+        stack = [torch.stack([torch.from_numpy(np.asarray(v[k].array))[None] for v in vols]).float()
+                 if all(v[k] is not None for v in vols) else None for k in range(4)]
+        return stack[0], stack[1], stack[2], stack[3]
+
+
+class RegEpisodes(EpisodeStream):
+    """Training tasks for a DataLoader: episode `i` is a list of batches `(moving, fixed, moving labels, fixed
+    labels)`, each `(B, 1, *S)`, drawn from `default_rng([seed, i])` (the same stream for any worker count).
+
+    Reptile (`registration.meta: reptile`): one task = one fixed image; one batch of `pairs_per_task` of its pairs
+    per inner step. Joint training: one batch of `pairs_per_task` training pairs.
+    """
+
+    def __init__(self, data: PairData, cfg: Config, length: int, start: int = 0) -> None:
+        super().__init__(length, start)
+        self.data, self.cfg = data, cfg
+        tasks: dict[tuple[str, str], list[int]] = defaultdict(list)  # (task, fixed case) -> pair indices
+        for i, pair in enumerate(data.pairs):
+            tasks[(pair["task"], roles(pair)[1]["image"])].append(i)
+        self.groups = list(tasks.values())
+
+    def make(self, i: int) -> list[Batch]:
+        rcfg = self.cfg.registration
+        rng = np.random.default_rng([self.cfg.seed, i])
+        if rcfg.meta == "joint":
+            n = len(self.data.pairs)
+            return [self.data.batch(list(rng.choice(n, size=min(rcfg.pairs_per_task, n), replace=False)))]
+        group = self.groups[rng.integers(len(self.groups))]
+        size = min(rcfg.pairs_per_task, len(group))
+        return [self.data.batch(list(rng.choice(group, size, False))) for _ in range(rcfg.inner_steps)]
 
 
 def write_synthetic_decathlon(root: Path, n_cases: int = 12, shape: tuple[int, int, int] = (40, 50, 40),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from datasets.sources import load_label_map, load_nifti
+from datasets.sources import load_label_map
 from datasets.volume import FewscanError, Volume, atomic_path
 from pipeline.config import Config, to_dict
 from pipeline.deformation import warp_array
+from pipeline.episodes import episode_loader
 from pipeline.methods.registration import (
-    Batch,
     Losses,
     RegistrationNet,
     adapted,
@@ -33,81 +32,22 @@ from pipeline.methods.registration import (
     reptile_step,
     train_steps,
 )
-from pipeline.reg_episodes import SPLITS, fixed_pairs, patient_groups, registration_tasks, roles
+from pipeline.reg_episodes import (
+    SPLITS,
+    PairData,
+    RegEpisodes,
+    fixed_pairs,
+    patient_groups,
+    preprocess,
+    registration_tasks,
+    roles,
+)
 from pipeline.report import write_json
 from pipeline.train import load_run_config, load_weights, save_weights, seed_everything
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*To copy construct from a tensor.*")
 warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")  # MONAI deform.py
-
-
-# --- data ------------------------------------------------------------------------------------------------------
-def preprocess(cfg: Config, image: Volume, label: Volume | None, channel: int,
-               modality: str) -> tuple[Volume, Volume | None]:
-    """`transforms.volume_preset` (orientation, spacing, intensity, centre crop/pad) of one case.
-
-    Returns:
-        The prepared image `(I, J, K)` float32 and label map `(I, J, K)` int64 (or None), with the prepared affine.
-    """
-    from transforms.presets import volume_preset, volume_to_dict
-
-    data = volume_preset(cfg.transforms, modality)(volume_to_dict(image, label))
-    affine = np.asarray(data["image"].affine, dtype=float)
-    if channel >= data["image"].shape[0]:
-        raise FewscanError(f"image has {data['image'].shape[0]} channels, channel {channel} requested")
-    img = Volume(np.asarray(data["image"][channel], dtype=np.float32), affine, {"modality": modality})
-    lab = Volume(np.asarray(data["label"][0]).round().astype(np.int64), affine) if "label" in data else None
-    return img, lab
-
-
-class PairData:
-    """Prepared volumes of a set of pairs, each case loaded once; moving images pre-aligned per pair on request."""
-
-    def __init__(self, cfg: Config, pairs: list[dict[str, Any]]) -> None:
-        self.cfg = cfg
-        self.pairs = pairs
-        self.cases: dict[tuple[str, int], tuple[Volume, Volume | None]] = {}
-        for pair in pairs:
-            for case in pair["cases"]:
-                key = (case["image"], pair["channel"])
-                if key not in self.cases:
-                    image = load_nifti(Path(case["image"]))
-                    label = load_label_map(Path(case["label"])) if case["label"] else None
-                    self.cases[key] = preprocess(cfg, image, label, pair["channel"], pair["modality"])
-        shapes = {v[0].array.shape for v in self.cases.values()}
-        if len(shapes) > 1:
-            raise FewscanError(f"prepared volumes differ in shape {sorted(shapes)}: set transforms.volume_size")
-        self.shape = shapes.pop() if shapes else (0, 0, 0)
-        self.aligned: dict[int, tuple[Volume, Volume | None, float]] = {}
-        if cfg.registration.prealign == "sitk":
-            for i in tqdm(range(len(pairs)), desc="SimpleITK affine pre-alignment", unit="pair"):
-                self.aligned[i] = self._sitk_affine(i)
-
-    def volumes(self, i: int) -> tuple[Volume, Volume, Volume | None, Volume | None]:
-        """Moving, fixed, moving labels, fixed labels of pair `i` (moving pre-aligned when configured)."""
-        moving, fixed = roles(self.pairs[i])
-        ch = self.pairs[i]["channel"]
-        (mv, ml), (fv, fl) = self.cases[(moving["image"], ch)], self.cases[(fixed["image"], ch)]
-        if i in self.aligned:
-            mv, ml, _ = self.aligned[i]
-        return mv, fv, ml, fl
-
-    def _sitk_affine(self, i: int) -> tuple[Volume, Volume | None, float]:
-        from pipeline.baselines.sitk_registration import register_sitk, warp_labels
-
-        moving, fixed = roles(self.pairs[i])
-        ch = self.pairs[i]["channel"]
-        (mv, ml), (fv, _) = self.cases[(moving["image"], ch)], self.cases[(fixed["image"], ch)]
-        warped, transform, seconds = register_sitk(fv, mv, "affine", seed=self.cfg.seed)
-        return warped, warp_labels(ml, fv, transform) if ml is not None else None, seconds
-
-    def batch(self, indices: list[int]) -> Batch:
-        """Tensors `(B, 1, *S)` of the given pairs; label tensors only when every pair has labels."""
-        vols = [self.volumes(i) for i in indices]
-        stack = [torch.stack([torch.from_numpy(np.asarray(v[k].array))[None] for v in vols]).float()
-                 if all(v[k] is not None for v in vols) else None for k in range(4)]
-        return stack[0], stack[1], stack[2], stack[3]
 
 
 def n_labels(pairs: list[dict[str, Any]]) -> int:
@@ -141,26 +81,21 @@ def train(cfg: Config, run_dir: Path) -> Path:
     model = build_net(cfg, data.shape)
     save_weights(model, run_dir / "untrained.safetensors")
     losses = Losses(rcfg, n_labels(pairs["train"]))
-    tasks: dict[tuple[str, str], list[int]] = defaultdict(list)  # (task, fixed case) -> pair indices
-    for i, pair in enumerate(pairs["train"]):
-        tasks[(pair["task"], roles(pair)[1]["image"])].append(i)
-    groups = list(tasks.values())
-    rng = np.random.default_rng(cfg.seed)
+    stream = RegEpisodes(data, cfg, cfg.train.iterations)
     opt = optimiser(model, cfg.train.lr) if rcfg.meta == "joint" else None
     curves: dict[str, list[float]] = {"iteration": [], "loss": []}
     window: list[float] = []
     inner = None  # Reptile's inner Adam state, carried across tasks
     start = time.perf_counter()
-    for it in tqdm(range(cfg.train.iterations), desc=f"meta-training ({rcfg.meta})", unit="task"):
-        if opt is None:  # one task = one fixed image; each inner step draws `pairs_per_task` of its pairs
-            group = groups[rng.integers(len(groups))]
-            size = min(rcfg.pairs_per_task, len(group))
-            loss, inner = reptile_step(model, losses,
-                                       lambda g=group, k=size: data.batch(list(rng.choice(g, k, False))),
-                                       rcfg.inner_steps, cfg.train.lr, rcfg.meta_lr, inner)
+    loader = episode_loader(stream, cfg.episodes.workers, cfg.episodes.prefetch)
+    for it, batches in enumerate(tqdm(loader, total=cfg.train.iterations, desc=f"meta-training ({rcfg.meta})",
+                                      unit="task")):
+        if opt is None:  # Reptile: one task = one fixed image, one batch of its pairs per inner step
+            steps = iter(batches)
+            loss, inner = reptile_step(model, losses, lambda s=steps: next(s), rcfg.inner_steps, cfg.train.lr,
+                                       rcfg.meta_lr, inner)
         else:
-            idx = rng.choice(len(pairs["train"]), size=min(rcfg.pairs_per_task, len(pairs["train"])), replace=False)
-            loss = train_steps(model, losses, lambda i=idx: data.batch(list(i)), 1, opt)[0]
+            loss = train_steps(model, losses, lambda b=batches[0]: b, 1, opt)[0]
         window.append(loss)
         if (it + 1) % cfg.train.log_every == 0 or it + 1 == cfg.train.iterations:
             curves["iteration"].append(it + 1)
@@ -168,7 +103,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
             window = []
     save_weights(model, run_dir / "model.safetensors")
     write_json({"iterations": cfg.train.iterations, "seconds": time.perf_counter() - start,
-                "prepare_seconds": prep_seconds, "train_pairs": len(pairs["train"]), "tasks": len(groups),
+                "prepare_seconds": prep_seconds, "train_pairs": len(pairs["train"]), "tasks": len(stream.groups),
                 "volume_size": list(data.shape)}, run_dir / "state.json")
     write_json(curves, run_dir / "curves.json")
     return run_dir

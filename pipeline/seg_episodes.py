@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from nibabel.processing import resample_from_to, resample_to_output
 
 from datasets.volume import FewscanError, InputError, Volume
 from pipeline.config import Config, SegmentationConfig
+from pipeline.episodes import EpisodeStream
 from pipeline.supervoxels import body_mask, pick_region, supervoxels
 
 log = logging.getLogger(__name__)
@@ -353,10 +355,54 @@ def pseudo_episode(cases: list[Case], cfg: Config, rng: np.random.Generator,
     return sx, sm, qx, qm
 
 
+def training_episode(cases: list[Case], cfg: Config, rng: np.random.Generator,
+                     split: dict[str, list[str]]) -> tuple[torch.Tensor, ...]:
+    """One training episode (self-supervised or labelled), retrying when a draw finds nothing usable."""
+    for _ in range(100):
+        if cfg.segmentation.supervision == "self":
+            ep = pseudo_episode(cases, cfg, rng, split["test"])
+        else:
+            ep = labelled_episode(cases, split["train"], cfg, rng, split["test"])
+        if ep is not None:
+            return ep
+    raise FewscanError("could not draw a training episode in 100 tries: with segmentation.setting=2, every "
+                       "training slice may hold a held-out structure (use setting 1), or the volumes are tiny")
+
+
+class SegEpisodes(EpisodeStream):
+    """Training episodes `(sx, sm, qx, qm)` for a DataLoader; episode `i` is drawn from `default_rng([seed, i])`,
+    so the stream is the same for any number of workers (see `EpisodeStream`)."""
+
+    def __init__(self, cases: list[Case], cfg: Config, split: dict[str, list[str]], length: int,
+                 start: int = 0) -> None:
+        super().__init__(length, start)
+        self.cases, self.cfg, self.split = cases, cfg, split
+
+    def make(self, i: int) -> tuple[torch.Tensor, ...]:
+        return training_episode(self.cases, self.cfg, np.random.default_rng([self.cfg.seed, i]), self.split)
+
+
+def precompute_supervoxels(cases: list[Case], scfg: SegmentationConfig, workers: int = 0) -> None:
+    """Compute every case's pseudo-structures up front, in `workers` processes when > 0.
+
+    Done before episode workers start: they are forked copies, and a supervoxel map computed lazily inside one
+    of them would be recomputed by every worker and lost to the others.
+    """
+    todo = [c for c in cases if c._sv is None]
+    if workers > 0 and len(todo) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            maps = list(pool.map(supervoxels, [c.image for c in todo], [scfg.supervoxels] * len(todo),
+                                 [scfg.n_supervoxels] * len(todo)))
+    else:
+        maps = [supervoxels(c.image, scfg.supervoxels, scfg.n_supervoxels) for c in todo]
+    for case, sv in zip(todo, maps, strict=True):
+        case._sv = sv
+
+
 def unlabelled_share(cases: list[Case]) -> float:
     """Share of cases without labels (for the log)."""
     return float(np.mean([c.label is None for c in cases])) if cases else 0.0
 
 
-__all__ = ["Case", "body_mask", "fixed_episodes", "labelled_episode", "load_cases", "make_case",
-           "pseudo_episode", "role_ids", "split_structures"]
+__all__ = ["Case", "SegEpisodes", "body_mask", "fixed_episodes", "labelled_episode", "load_cases", "make_case",
+           "precompute_supervoxels", "pseudo_episode", "role_ids", "split_structures", "training_episode"]

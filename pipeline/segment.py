@@ -28,14 +28,15 @@ from tqdm import tqdm
 
 from datasets.volume import FewscanError, InputError, Volume, atomic_path
 from pipeline.config import Config, to_dict
+from pipeline.episodes import episode_loader
 from pipeline.metrics import dice_hd95, mean_ci95
 from pipeline.report import plot_dice_boxes, plot_overlay, write_json
 from pipeline.seg_episodes import (
     Case,
+    SegEpisodes,
     fixed_episodes,
-    labelled_episode,
     load_cases,
-    pseudo_episode,
+    precompute_supervoxels,
     role_ids,
     split_patients,
     split_structures,
@@ -71,19 +72,6 @@ def set_threads(cfg: Config) -> None:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cfg.segmentation.threads)
 
 
-def _draw_episode(cases: list[Case], cfg: Config, rng: np.random.Generator, split: dict[str, list[str]]):
-    """One training episode (self-supervised or labelled), retrying when a draw finds nothing usable."""
-    for _ in range(100):
-        if cfg.segmentation.supervision == "self":
-            ep = pseudo_episode(cases, cfg, rng, split["test"])
-        else:
-            ep = labelled_episode(cases, split["train"], cfg, rng, split["test"])
-        if ep is not None:
-            return ep
-    raise FewscanError("could not draw a training episode in 100 tries: with segmentation.setting=2, every "
-                       "training slice may hold a held-out structure (use setting 1), or the volumes are tiny")
-
-
 def train(cfg: Config, run_dir: Path) -> Path:
     """Meta-train on supervoxel pseudo-structures (`supervision: self`) or the training structures."""
     from monai.losses import DiceCELoss
@@ -114,14 +102,16 @@ def train(cfg: Config, run_dir: Path) -> Path:
     save_weights(model, run_dir / "untrained.safetensors")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    rng = np.random.default_rng(cfg.seed)
     curves: dict[str, list[float]] = {"iteration": [], "loss": []}
     window: list[float] = []
     start = time.perf_counter()
+    if cfg.segmentation.supervision == "self":
+        precompute_supervoxels(train_cases, cfg.segmentation, cfg.episodes.workers)
+    stream = SegEpisodes(train_cases, cfg, split, cfg.train.iterations)
     model.train()
-    bar = tqdm(range(cfg.train.iterations), desc="meta-training", unit="episode")
-    for it in bar:
-        sx, sm, qx, qm = _draw_episode(train_cases, cfg, rng, split)
+    bar = tqdm(episode_loader(stream, cfg.episodes.workers, cfg.episodes.prefetch), total=cfg.train.iterations,
+               desc="meta-training", unit="episode")
+    for it, (sx, sm, qx, qm) in enumerate(bar):
         if cfg.segmentation.method == "proto":
             loss = loss_fn(model(sx, sm, qx), qm)
         else:

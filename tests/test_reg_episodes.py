@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import validate
 from pipeline.reg_episodes import fixed_pairs, roles, write_synthetic_decathlon
@@ -77,3 +78,24 @@ def test_intra_subject_pairs_stay_within_one_patient(tmp_path: Path) -> None:
         moving, fixed = roles(p)
         assert moving["patient_key"] == fixed["patient_key"] and moving["case_id"] != fixed["case_id"]
         assert not p["inter_subject"]
+
+
+def test_training_tasks_same_for_any_worker_count(two_folders) -> None:
+    """Reptile tasks: every inner-step batch of a task holds pairs of one fixed image; 0 or 2 workers agree."""
+    from pipeline.episodes import episode_loader
+    from pipeline.reg_episodes import PairData, RegEpisodes
+
+    a, _ = two_folders
+    cfg = validate({**cfg_for(a, inner_steps=2, pairs_per_task=2).__dict__,
+                    "transforms": {"volume_size": [8, 8, 8]}})
+    data = PairData(cfg, fixed_pairs(cfg, "train"))
+    single = list(episode_loader(RegEpisodes(data, cfg, length=4), workers=0))
+    multi = list(episode_loader(RegEpisodes(data, cfg, length=4), workers=2))
+    assert len(single) == len(multi) == 4
+    for task_a, task_b in zip(single, multi, strict=True):
+        assert len(task_a) == 2  # one batch per inner step
+        for batch_a, batch_b in zip(task_a, task_b, strict=True):
+            assert batch_a[0].shape == (2, 1, 8, 8, 8)
+            assert all(torch.equal(x, y) for x, y in zip(batch_a, batch_b, strict=True) if x is not None)
+            # a task is one fixed image: both pairs of the batch share it
+            assert torch.equal(batch_a[1][0], batch_a[1][1])
