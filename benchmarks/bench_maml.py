@@ -8,6 +8,10 @@ linear 5-way head on 1x28x28 inputs; 5-way 1-shot, 15 queries per class; 5 inner
 per meta-iteration; Adam outer step. Second order unless `--first-order`. Peers run from their benchmark-only
 environment (`PEERS=/work/peers bash /work/shared/peers/setup-peers.sh learn2learn`), never the project's.
 
+Cores: `--threads N` gives each process N intra-op threads; with `--task-threads N` fewscan instead runs the
+tasks of the meta-batch in N threads of one intra-op thread each (`method.task_threads`), the peer keeping N
+intra-op threads, so both use the same cores.
+
 Memory: peak resident set size of the measuring process over warm-up and timed iterations, minus its RSS just
 before meta-training starts (imports, model and data loaded), i.e. what meta-training itself adds.
 """
@@ -72,6 +76,12 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
                      channels_last=args.channels_last)
 
         def step() -> None:
+            if args.task_threads > 1:  # what `method.task_threads` does in pipeline/train.py
+                from pipeline.methods.maml import threaded_task_grads
+
+                threaded_task_grads(model, batch, lambda m, t: (m.task_loss(*t, args.ways).loss / len(batch), None),
+                                    args.task_threads)
+                return
             for sx, sy, qx, qy in batch:
                 (model.task_loss(sx, sy, qx, qy, args.ways).loss / len(batch)).backward()
     else:
@@ -115,7 +125,8 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
     return {"impl": impl, "median_s": statistics.median(times), "min_s": min(times), "times": times,
             "peak_rss_mb": peak, "rss_before_mb": before, "peak_added_mb": max(peak, peak_before) - before,
             "threads": torch.get_num_threads(), "steps": args.steps, "first_order": args.first_order,
-            "channels_last": args.channels_last, "peer_channels_last": args.peer_channels_last}
+            "channels_last": args.channels_last, "peer_channels_last": args.peer_channels_last,
+            "task_threads": args.task_threads if impl == "fewscan" else 1}
 
 
 def python_for(impl: str) -> str:
@@ -127,11 +138,14 @@ def drive(args: argparse.Namespace) -> None:
     passthrough = [f"--steps={args.steps}", f"--iterations={args.iterations}", f"--warmup={args.warmup}",
                    f"--tasks={args.tasks}", f"--lr={args.lr}"] + (["--first-order"] if args.first_order else []) \
         + (["--channels-last"] if args.channels_last else []) \
-        + (["--peer-channels-last"] if args.peer_channels_last else [])
+        + (["--peer-channels-last"] if args.peer_channels_last else []) \
+        + [f"--task-threads={args.task_threads}"]
     rows: dict[str, list[dict]] = {i: [] for i in impls}
     for r in range(args.repeats):
         for impl in (impls if r % 2 == 0 else impls[::-1]):  # alternate the order too
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+            # with task threads, fewscan runs one intra-op thread per task thread; the peer gets `threads` intra-op
+            threads = 1 if impl == "fewscan" and args.task_threads > 1 else args.threads
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             out = subprocess.run([python_for(impl), __file__, "--impl", impl, *passthrough], capture_output=True,
                                  text=True, check=True, cwd=REPO, env=env)
             row = json.loads(out.stdout.strip().splitlines()[-1])
@@ -165,6 +179,8 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true", help="fewscan: MAML's optional channels-last layout")
     p.add_argument("--peer-channels-last", action="store_true",
                    help="learn2learn: convert its model and inputs to channels-last by hand")
+    p.add_argument("--task-threads", type=int, default=1,
+                   help="fewscan: tasks of the meta-batch in this many threads (one intra-op thread each)")
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)

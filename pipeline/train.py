@@ -34,6 +34,7 @@ from pipeline.data import Items, open_source, source_split
 from pipeline.encoders import build_encoder
 from pipeline.episodes import Episode, EpisodeDataset, EpisodeSampler, episode_loader, split_groups
 from pipeline.methods import build_method
+from pipeline.methods.maml import threaded_task_grads
 from pipeline.report import plot_curves, write_json
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,10 @@ def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) 
     return state
 
 
+# Methods whose task loss mutates no shared state (MAML-family: functional inner loop, no running statistics).
+THREAD_SAFE_METHODS = ("maml", "metasgd")
+
+
 # --- one meta-iteration ----------------------------------------------------------------------------------------
 def meta_step(model: nn.Module, tasks: list[tuple[torch.Tensor, ...]], n_way: int, cfg: Config,
               world: distributed.World) -> tuple[float, float, float]:
@@ -136,11 +141,21 @@ def meta_step(model: nn.Module, tasks: list[tuple[torch.Tensor, ...]], n_way: in
         losses, logits = model.vmap_task_losses(sx, sy, qx, qy, n_way)
         (losses.sum() / len(tasks)).backward()
         return (float(losses.detach().sum()), float((logits.argmax(-1) == qy).sum()), float(qy.numel()))
-    for sx, sy, qx, qy, classes in mine:
-        out = model.task_loss(sx, sy, qx, qy, n_way, classes=classes)
-        (out.loss / len(tasks)).backward()
-        loss_sum += float(F.cross_entropy(out.logits.detach(), qy))
-        correct += float((out.logits.argmax(-1) == qy).sum())
+    if cfg.method.task_threads > 1 and cfg.method.name in THREAD_SAFE_METHODS and len(mine) > 1:
+        def one(replica: nn.Module, task: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+            out = replica.task_loss(*task[:4], n_way, classes=task[4])
+            return out.loss / len(tasks), out.logits.detach()
+
+        logits = threaded_task_grads(model, mine, one, cfg.method.task_threads)
+    else:
+        logits = []
+        for sx, sy, qx, qy, classes in mine:
+            out = model.task_loss(sx, sy, qx, qy, n_way, classes=classes)
+            (out.loss / len(tasks)).backward()
+            logits.append(out.logits.detach())
+    for (_, _, _, qy, _), lg in zip(mine, logits, strict=True):
+        loss_sum += float(F.cross_entropy(lg, qy))
+        correct += float((lg.argmax(-1) == qy).sum())
         count += qy.numel()
     return loss_sum, correct, count
 
@@ -174,6 +189,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
         stop_at: stop after this iteration as if interrupted (writes `last/`; for tests and time-boxed runs).
     """
     world, device = distributed.init(pick_device(cfg.train.device))
+    if cfg.method.task_threads > 1 and device.type == "cpu":
+        torch.set_num_threads(1)  # one intra-op thread per task thread: OpenMP teams per thread oversubscribe cores
     last = run_dir / "last"
     resuming = (last / "state.json").is_file()
     if resume and not resuming:

@@ -139,3 +139,26 @@ def test_channels_last_layout_gives_the_same_meta_gradients() -> None:
         grads.append([p.grad for p in net.net.parameters()])
     assert net.channels_last and net.net[0][0].conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads, strict=True))
+
+
+@pytest.mark.parametrize("method", ["maml", "metasgd"])
+def test_threaded_tasks_give_the_loop_gradients(method: str) -> None:
+    """Tasks in parallel threads (each on a parameter-sharing replica) sum to exactly the sequential gradients."""
+    from pipeline.methods.maml import replicate, threaded_task_grads
+
+    torch.manual_seed(0)
+    cls = MAML if method == "maml" else MetaSGD
+    net = cls(tiny_encoder("batch"), max_ways=2, inner_steps=2, inner_lr=0.3)
+    tasks = [episode(seed=s) for s in range(4)]
+    for t in tasks:
+        (net.task_loss(*t, n_way=2).loss / len(tasks)).backward()
+    loop = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    logits = threaded_task_grads(net, tasks, lambda m, t: ((out := m.task_loss(*t, n_way=2)).loss / len(tasks),
+                                                           out.logits.detach()), threads=2)
+    assert len(logits) == 4 and logits[0].shape == (len(tasks[0][3]), 2)
+    threaded = [p.grad for p in net.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(loop, threaded, strict=True))
+    assert any(float(g.abs().sum()) > 0 for g in threaded)
+    rep = replicate(net)
+    assert rep is not net and all(a is b for a, b in zip(rep.parameters(), net.parameters(), strict=True))

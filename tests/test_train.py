@@ -77,3 +77,12 @@ def test_vmap_meta_batch_trains_like_the_task_loop(tmp_path: Path) -> None:
                           f"method.vmap={vmap}", "train.iterations=1", "train.val_every=0")
         runs.append(load_file(str(train(cfg, tmp_path / f"vmap_{vmap}") / "model.safetensors")))
     assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
+
+
+def test_task_threads_train_like_the_task_loop(tmp_path: Path) -> None:
+    runs = []
+    for threads in (1, 2):
+        cfg = tiny_config(tmp_path, "method.name=maml", "method.inner_steps=1", "method.meta_batch=3",
+                          f"method.task_threads={threads}", "train.iterations=2", "train.val_every=0")
+        runs.append(load_file(str(train(cfg, tmp_path / f"threads_{threads}") / "model.safetensors")))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
