@@ -12,6 +12,7 @@ from pipeline.seg_episodes import (
     labelled_episode,
     make_case,
     pseudo_episode,
+    role_ids,
     split_structures,
 )
 from pipeline.seg_io import SYNTH_STRUCTURES, synthetic_case
@@ -100,3 +101,47 @@ def test_training_stream_same_for_any_worker_count_and_resumes(cases) -> None:
     for a, b in zip(single[3:], tail, strict=True):
         assert all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(a, b, strict=True))
     assert not np.array_equal(single[0][0].numpy(), single[1][0].numpy())  # episodes differ from each other
+
+
+@pytest.mark.realdata
+def test_totalsegmentator_ct_and_mr_give_organ_episodes(shared_data) -> None:
+    """Real label maps: one task per organ; a held-out liver episode takes support and query from the two CT
+    subjects (the NIfTI one and the DICOM one); the MR subject gives self-supervised episodes."""
+    from datasets.dicom import load_series
+    from datasets.sources import load_label_map, load_nifti, read_label_names
+
+    root = shared_data / "totalsegmentator_example"
+    if not (root / "class_map_total.json").is_file():
+        pytest.skip(f"{root} lacks class_map_total.json")
+    ct_names = read_label_names(root / "class_map_total.json", "total")
+    mr_names = read_label_names(root / "class_map_total.json", "total_mr")
+    scfg = validate({"task": "segmentation", "segmentation": {"modality": "ct", "spacing": [3.0, 3.0, 3.0],
+                                                              "crop": [32, 32, 32], "test_patients": 0}}).segmentation
+    cases = [make_case("ct_a", load_nifti(root / "example_ct_sm.nii.gz"),
+                       load_label_map(root / "example_seg.nii.gz", ct_names), ct_names, scfg),
+             make_case("ct_b", load_series(root / "example_ct_dicom"),
+                       load_label_map(root / "example_seg_dicom.nii.gz", ct_names), ct_names, scfg)]
+    assert {"liver", "spleen", "stomach"} <= cases[0].structures() & cases[1].structures()
+    cfg = validate({"task": "segmentation", "episodes": {"shots": 1, "queries": 1},
+                    "segmentation": {"modality": "ct", "spacing": [3.0, 3.0, 3.0], "held_out": ["liver"],
+                                     "test_patients": 0}})
+    episodes = fixed_episodes(cfg, "test", 4, cases)
+    assert {e["structure"] for e in episodes} == {"liver"}
+    for ep in episodes:
+        support, query = role_ids(ep, "support"), role_ids(ep, "query")
+        assert len(support) == len(query) == 1 and support != query
+    # in world coordinates the liver of both CTs reads soft tissue (normalised window [-200, 300] HU -> [0, 1])
+    for case in cases:
+        inside = case.image[case.mask("liver")]
+        assert 0.45 < float(np.median(inside)) < 0.75, case.case_id
+    mr_cfg = _cfg(supervision="self", mode="2d", modality="mr", spacing=[3.0, 3.0, 3.0])
+    mr = make_case("mr_a", load_nifti(root / "example_mr_sm.nii.gz"),
+                   load_label_map(root / "example_seg_mr.nii.gz", mr_names), mr_names, mr_cfg.segmentation)
+    assert len(mr.structures()) == 23
+    episode = None
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        episode = episode or pseudo_episode([mr], mr_cfg, rng, [])
+    assert episode is not None
+    sx, sm, qx, qm = episode
+    assert 0 < float(sm.mean()) < 0.9 and 0 < float(qm.mean()) < 0.9
