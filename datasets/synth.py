@@ -2,8 +2,8 @@
 
 Nothing is downloaded: each patient is an analytic torso phantom (body, fat, lungs with vessels, liver, spine,
 ribs) holding 3-5 lesions of common and rare types. As in torchio, random sampling (``plan_cohort``, in
-`datasets.synth_plan`) is split
-from rendering (``render_patient``, a deterministic function of the plan) and writing (``write_cohort``).
+``datasets.synth_plan``) is split from rendering (``render_patient``, a deterministic function of the plan) and
+writing (``write_cohort``).
 
 Coordinates are DICOM patient coordinates (LPS, mm). Arrays are ``(K, R, C)`` = (slice, row, column), like
 ``SimpleITK.GetArrayFromImage``: voxel (k, r, c) lies at ``origin + (c * pixel_mm, r * pixel_mm, k * slice_mm)``
