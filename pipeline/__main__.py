@@ -232,7 +232,7 @@ def _adapt(args: argparse.Namespace) -> int:
     from pipeline.adapt import adapt
 
     if _run_task(args.run) == "segmentation":
-        from pipeline.segment import adapt as adapt_segmentation
+        from pipeline.seg_adapt import adapt as adapt_segmentation
 
         summary = adapt_segmentation(args.run, args.support, args.out, args.structure)
         print(f"adapted {summary['method']} segmentation of {summary['structure']} "
@@ -256,7 +256,7 @@ def _predict(args: argparse.Namespace) -> int:
     from pipeline.adapt import format_predictions, predict
 
     if _run_task(args.adapted) == "segmentation":
-        from pipeline.segment import predict as predict_segmentation
+        from pipeline.seg_adapt import predict as predict_segmentation
 
         for row in predict_segmentation(args.adapted, args.inputs, args.out):
             print(f"{row['input']}: {row['voxels']} voxels -> {row['nifti']}"

@@ -13,8 +13,9 @@ from dicom_factory import write_series
 from datasets.dicom import load_series, read_series
 from datasets.labels import load_seg
 from pipeline.config import to_dict, validate
+from pipeline.seg_adapt import adapt, predict
 from pipeline.seg_io import synthetic_case, write_dicom_seg
-from pipeline.segment import adapt, build_model, predict
+from pipeline.segment import build_model
 from pipeline.train import save_weights
 
 
