@@ -9,6 +9,10 @@ ImageOrientationPatient. Arrays are assembled as ``(column, row, slice[, volume]
 Handled: single-frame series (any transfer syntax pydicom's installed plugins decode), Siemens mosaics,
 enhanced multi-frame (per-frame functional groups), multi-volume series (-> 4D), and series mixing
 orientations/sizes/echoes/image types (-> several stacks). Non-DICOM and non-image files are skipped.
+
+The loaders (`load_series`, `load_stacks`) read plain native little-endian files with `datasets.dicom_fast`
+(one read per file, only the attributes used, pixels straight from the file bytes): pydicom's full parse was
+most of a cold load. Every other file, and `read_series` for callers that need real datasets, goes to pydicom.
 """
 
 from __future__ import annotations
@@ -18,17 +22,21 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from datasets.dicom_fast import Header, read_header
 from datasets.dicom_frames import Frame, frames_of, is_image
 from datasets.dicom_geometry import Stack, plan_stacks, regularise
 from datasets.volume import InputError, Volume, canonical
 
 log = logging.getLogger(__name__)
+
+Parsed = Dataset | Header  # what a series' files are read into (see `read_series`)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SKIP_SUFFIXES = {".txt", ".md", ".json", ".csv", ".xml", ".nii", ".gz", ".nrrd", ".mha", ".mhd", ".png", ".jpg",
@@ -77,13 +85,15 @@ def _where(path: Path | Sequence[Path]) -> Path:
 
 
 def read_series(
-    path: Path | Sequence[Path], series_uid: str | None = None
-) -> tuple[str, list[Frame], dict[str, Dataset]]:
+    path: Path | Sequence[Path], series_uid: str | None = None, *, fast: bool = False
+) -> tuple[str, list[Frame], dict[str, Parsed]]:
     """Read the image files of one series.
 
     Args:
         path: a series folder (searched recursively), a single file, or a list of files.
         series_uid: which SeriesInstanceUID to keep when the files hold several series.
+        fast: parse plain native files with `datasets.dicom_fast` (the loader's cold path; their entries are
+            then `Header` objects holding only what the loader reads, not full pydicom datasets).
 
     Returns:
         ``(series_uid, frames, {file: dataset})`` for the image files of the chosen series.
@@ -93,10 +103,10 @@ def read_series(
     """
     where = _where(path)
     files = list_files(path)
-    groups: dict[str, dict[str, Dataset]] = {}
+    groups: dict[str, dict[str, Parsed]] = {}
     labels: list[str] = []
     for file in files:
-        ds = read_dataset(file)
+        ds = (read_header(file) if fast else None) or read_dataset(file)
         if ds is None:
             continue
         if not is_image(ds):
@@ -121,7 +131,7 @@ def read_series(
     return uid, frames, datasets
 
 
-def describe(groups: dict[str, dict[str, Dataset]]) -> str:
+def describe(groups: dict[str, dict[str, Parsed]]) -> str:
     """One-line summary of several series: ``UID (modality, N files, description); ...``."""
     parts = []
     for uid, items in groups.items():
@@ -131,8 +141,16 @@ def describe(groups: dict[str, dict[str, Dataset]]) -> str:
     return "; ".join(parts)
 
 
-def decode(ds: Dataset, file: str) -> np.ndarray:
+def decode(ds: Parsed, file: str) -> np.ndarray:
     """Stored pixel values of a dataset: ``(rows, cols)`` or ``(frames, rows, cols)``; InputError if undecodable."""
+    if isinstance(ds, Header):
+        raw = ds.pixels()
+        if raw is not None:
+            return raw
+        full = read_dataset(Path(file))  # e.g. an image without pixel data: pydicom names the problem
+        if full is None:
+            raise InputError(file, "not readable as DICOM")
+        ds = full
     raw = _native_pixels(ds)
     if raw is not None:
         return raw
@@ -170,7 +188,7 @@ def _native_pixels(ds: Dataset) -> np.ndarray | None:
     return arr.reshape((frames, rows, cols) if frames > 1 else (rows, cols))
 
 
-def stack_array(stack: Stack, datasets: dict[str, Dataset]) -> np.ndarray:
+def stack_array(stack: Stack, datasets: dict[str, Parsed]) -> np.ndarray:
     """Decode and scale a stack: float32 ``(columns, rows, K)`` or ``(columns, rows, K, T)``."""
     files = list(dict.fromkeys(f.file for column in stack.grid for f in column))
     compressed = [f for f in files if _is_compressed(datasets[f])]
@@ -190,8 +208,9 @@ def stack_array(stack: Stack, datasets: dict[str, Dataset]) -> np.ndarray:
     slopes = {(f.slope, f.intercept) for column in stack.grid for f in column}
     if len(slopes) == 1:
         slope, intercept = slopes.pop()
-        if (slope, intercept) != (1.0, 0.0):
+        if slope != 1.0:  # x * 1.0 == x exactly: skip a pass over the volume
             buf *= np.float32(slope)
+        if intercept != 0.0:
             buf += np.float32(intercept)
     else:  # per-plane scaling (e.g. Philips, PET)
         for k, column in enumerate(stack.grid):
@@ -201,7 +220,9 @@ def stack_array(stack: Stack, datasets: dict[str, Dataset]) -> np.ndarray:
     return out[..., 0] if stack.n_volumes == 1 else out
 
 
-def _is_compressed(ds: Dataset) -> bool:
+def _is_compressed(ds: Parsed) -> bool:
+    if isinstance(ds, Header):
+        return False
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     return bool(syntax is not None and syntax.is_compressed)
 
@@ -217,7 +238,7 @@ def _plane(arr: np.ndarray, f: Frame) -> np.ndarray:
     return arr
 
 
-def series_meta(uid: str, stack: Stack, datasets: dict[str, Dataset]) -> dict:
+def series_meta(uid: str, stack: Stack, datasets: dict[str, Parsed]) -> dict:
     """Provenance kept with a volume (no patient identifiers)."""
     ds = datasets[stack.first.file]
     meta = {
@@ -241,7 +262,7 @@ def load_stacks(
 ) -> list[Volume]:
     """Load every stack of a series (usually one), each as a canonical volume; see `load_series`."""
     where = _where(path)
-    uid, frames, datasets = read_series(path, series_uid)
+    uid, frames, datasets = read_series(path, series_uid, fast=True)
     stacks = plan_stacks(frames, where)
     return [_to_volume(uid, s, datasets, irregular, where, i, len(stacks)) for i, s in enumerate(stacks)]
 
@@ -271,7 +292,7 @@ def load_series(
         InputError: unreadable input, an ambiguous choice, or an irregular grid with ``irregular="error"``.
     """
     where = _where(path)
-    uid, frames, datasets = read_series(path, series_uid)
+    uid, frames, datasets = read_series(path, series_uid, fast=True)
     stacks = plan_stacks(frames, where)
     if stack is None and len(stacks) > 1:
         choices = "; ".join(f"{i}: {s.describe()}" for i, s in enumerate(stacks))
@@ -283,7 +304,7 @@ def load_series(
     return _to_volume(uid, stacks[index], datasets, irregular, where, index, len(stacks))
 
 
-def _to_volume(uid: str, stack: Stack, datasets: dict[str, Dataset], irregular: str, where: Path,
+def _to_volume(uid: str, stack: Stack, datasets: dict[str, Parsed], irregular: str, where: Path,
                index: int, n_stacks: int) -> Volume:
     meta = series_meta(uid, stack, datasets)
     if n_stacks > 1:
@@ -312,7 +333,8 @@ def reference_stack(
         ``(series_uid, stack, {file: dataset})``.
     """
     where = _where(reference)
-    uid, frames, datasets = read_series(reference, series_uid)
+    uid, frames, parsed = read_series(reference, series_uid)
+    datasets = cast(dict[str, Dataset], parsed)  # fast=False: full pydicom datasets
     stacks = plan_stacks(frames, where)
     if len(stacks) > 1 and sop_uids:
         sop_of = {file: str(ds.get("SOPInstanceUID", "")) for file, ds in datasets.items()}
