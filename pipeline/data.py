@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datasets.volume import FewscanError, InputError
 from pipeline.config import Config
+from pipeline.progress import progress
 from transforms.presets import crop_around, image_2d, lps_to_ras, prepare, volume_to_dict
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def load_items(cfg: Config, rows: list[dict[str, str]], classes: list[str] | Non
     for row, item_id in wanted:
         by_series[row["path"]].append((row, item_id))
     crops, labels, groups, out_ids = [], [], [], []
-    for path, findings in tqdm(sorted(by_series.items()), desc="preparing series", unit="series", leave=False):
+    for path, findings in progress(sorted(by_series.items()), desc="preparing series", unit="series", leave=False):
         volume = load_volume(Path(path))
         image = prepare(cfg.transforms, volume.meta.get("modality") or findings[0][0].get("modality"))(
             volume_to_dict(volume))["image"]
@@ -220,7 +220,7 @@ class FolderSource:
 
     def items(self, classes: Iterable[str] | None = None, groups: set[str] | None = None) -> Items:
         idx = _select(self._catalog, classes, groups)
-        xs = [self._load(self.entries[i].path) for i in tqdm(idx, desc="reading files", unit="file", leave=False)]
+        xs = [self._load(self.entries[i].path) for i in progress(idx, desc="reading files", unit="file", leave=False)]
         shapes = {tuple(x.shape) for x in xs}
         if len(shapes) > 1:
             first = next(self.entries[i].path for i, x in zip(idx, xs, strict=True) if x.shape != xs[0].shape)
@@ -289,7 +289,7 @@ class DecathlonSource:
         for i in idx:
             by_case[self.targets[i][0].case_id].append(i)
         crops: dict[int, torch.Tensor] = {}
-        for case_idx in tqdm(by_case.values(), desc="preparing cases", unit="case", leave=False):
+        for case_idx in progress(by_case.values(), desc="preparing cases", unit="case", leave=False):
             case = self.targets[case_idx[0]][0]
             image, label = load_case(self.dataset, case)
             prepared = prepare(self.cfg.transforms, self.dataset.primary_modality)(volume_to_dict(image, label))

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.data import Items, open_source
 from pipeline.episodes import Episode, evaluation_episodes, split_groups
 from pipeline.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95
+from pipeline.progress import progress
 from pipeline.report import plot_accuracy, plot_confusion, write_json
 from pipeline.train import build_model, episode_batch, load_run_config, load_weights, pick_device, read_split
 
@@ -31,7 +31,7 @@ def episode_predictions(model: torch.nn.Module, items: Items, episodes: list[Epi
     """
     model.eval()
     out = []
-    for ep in tqdm(episodes, desc=desc, unit="episode", leave=False):
+    for ep in progress(episodes, desc=desc, unit="episode", leave=False):
         sx, sy, qx, qy = episode_batch(items, ep, shots, queries, device)
         logits = model(sx, sy, qx, len(ep.classes))
         out.append((torch.softmax(logits.float(), -1).cpu().numpy(), qy.cpu().numpy()))

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datasets.index import patient_key
 from datasets.sources import DecathlonSet, load_label_map, load_nifti, read_decathlon
@@ -30,6 +29,7 @@ from datasets.volume import FewscanError, InputError, Volume
 from pipeline.config import Config
 from pipeline.episodes import EpisodeStream
 from pipeline.methods.registration import Batch
+from pipeline.progress import progress
 
 SPLITS = ("train", "adapt", "eval")
 # the names the `episodes` verb uses for classification splits
@@ -233,7 +233,7 @@ class PairData:
         self.shape = shapes.pop() if shapes else (0, 0, 0)
         self.aligned: dict[int, tuple[Volume, Volume | None, float]] = {}
         if cfg.registration.prealign == "sitk":
-            for i in tqdm(range(len(pairs)), desc="SimpleITK affine pre-alignment", unit="pair"):
+            for i in progress(range(len(pairs)), desc="SimpleITK affine pre-alignment", unit="pair"):
                 self.aligned[i] = self._sitk_affine(i)
 
     def volumes(self, i: int) -> tuple[Volume, Volume, Volume | None, Volume | None]:

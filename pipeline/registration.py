@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from tqdm import tqdm
 
 from datasets.sources import load_label_map
 from datasets.volume import FewscanError, Volume, atomic_path
@@ -32,6 +31,7 @@ from pipeline.methods.registration import (
     reptile_step,
     train_steps,
 )
+from pipeline.progress import progress
 from pipeline.reg_episodes import (
     SPLITS,
     PairData,
@@ -88,7 +88,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
     inner = None  # Reptile's inner Adam state, carried across tasks
     start = time.perf_counter()
     loader = episode_loader(stream, cfg.episodes.workers, cfg.episodes.prefetch)
-    for it, batches in enumerate(tqdm(loader, total=cfg.train.iterations, desc=f"meta-training ({rcfg.meta})",
+    for it, batches in enumerate(progress(loader, total=cfg.train.iterations, desc=f"meta-training ({rcfg.meta})",
                                       unit="task")):
         if opt is None:  # Reptile: one task = one fixed image, one batch of its pairs per inner step
             steps = iter(batches)

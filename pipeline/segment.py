@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from tqdm import tqdm
 
 from datasets.volume import FewscanError, Volume, atomic_path
 from pipeline.config import Config, to_dict
 from pipeline.episodes import episode_loader
 from pipeline.metrics import dice_hd95, mean_ci95
+from pipeline.progress import progress
 from pipeline.report import plot_dice_boxes, plot_overlay, write_json
 from pipeline.seg_episodes import (
     Case,
@@ -109,7 +109,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
         precompute_supervoxels(train_cases, cfg.segmentation, cfg.episodes.workers)
     stream = SegEpisodes(train_cases, cfg, split, cfg.train.iterations)
     model.train()
-    bar = tqdm(episode_loader(stream, cfg.episodes.workers, cfg.episodes.prefetch), total=cfg.train.iterations,
+    bar = progress(episode_loader(stream, cfg.episodes.workers, cfg.episodes.prefetch), total=cfg.train.iterations,
                desc="meta-training", unit="episode")
     for it, (sx, sm, qx, qm) in enumerate(bar):
         if cfg.segmentation.method == "proto":
@@ -255,7 +255,7 @@ def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     scores: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n in runners}
     seconds: dict[str, list[float]] = {n: [] for n in runners}
     overlaid: set[str] = set()
-    for i, ep in enumerate(tqdm(episodes, desc="evaluating", unit="episode")):
+    for i, ep in enumerate(progress(episodes, desc="evaluating", unit="episode")):
         s = ep["structure"]
         sup_cases = [by_id[c] for c in role_ids(ep, "support")]
         supports = [(c.image, c.mask(s)) for c in sup_cases]

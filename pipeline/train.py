@@ -25,7 +25,6 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm import tqdm
 
 from datasets.volume import FewscanError, atomic_path
 from pipeline import distributed
@@ -35,6 +34,7 @@ from pipeline.encoders import build_encoder
 from pipeline.episodes import Episode, EpisodeDataset, EpisodeSampler, episode_loader, split_groups
 from pipeline.methods import build_method
 from pipeline.methods.maml import threaded_task_grads
+from pipeline.progress import progress
 from pipeline.report import plot_curves, write_json
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     began = time.perf_counter() - state["seconds"]
     end = tr.iterations if stop_at is None else min(stop_at, tr.iterations)
     model.train()
-    bar = tqdm(range(start, end), desc="meta-training", unit="it", disable=not world.main, initial=start,
+    bar = progress(range(start, end), desc="meta-training", unit="it", disable=not world.main, initial=start,
                total=tr.iterations)
     stopped_early = False
 
