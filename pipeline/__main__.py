@@ -82,6 +82,57 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- patches -------------------------------------------------------------------------------------------
+def _patches_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", type=Path, action="append", required=True,
+                   help="image (DICOM folder, NIfTI, NRRD, MHA); repeat for more subjects")
+    p.add_argument("--labels", type=Path, action="append", required=True, help="label map of each --image, in order")
+    p.add_argument("--names", action="append", required=True, metavar="FILE[:TABLE]",
+                   help="label-name JSON (e.g. class_map_total.json:total_mr): once for all, or once per --image")
+    p.add_argument("--modality", action="append", default=None, choices=("CT", "MR", "auto"),
+                   help="once for all or once per --image (default auto: DICOM tag, else CT if air reads < -500)")
+    p.add_argument("--structures", default=None, help="comma-separated names to keep (default: all)")
+    p.add_argument("--size", type=int, default=32, help="patch side, voxels")
+    p.add_argument("--spacing", type=float, default=1.5, help="common in-plane spacing, mm")
+    p.add_argument("--slab", type=float, default=10.0,
+                   help="z-slab (pseudo-patient group) thickness, mm; 0: one group per subject (real patients)")
+    p.add_argument("--per-group", type=int, default=20, help="most patches per (structure, group)")
+    p.add_argument("--min-groups", type=int, default=6, help="keep structures in at least this many groups (K+Q)")
+    p.add_argument("--ct-window", default="soft_tissue", help="soft_tissue, lung or bone")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help=".npz to write (images, labels, class_names, groups)")
+
+
+def _per_image(values: list[str] | None, n: int, flag: str) -> list[str | None]:
+    if not values:
+        return [None] * n
+    if len(values) not in (1, n):
+        raise FewscanError(f"{flag} given {len(values)} times for {n} images: give it once or once per --image")
+    return values * n if len(values) == 1 else values
+
+
+def _patches(args: argparse.Namespace) -> int:
+    from datasets.patches import load_subject, organ_patches, read_names, summary, write_patches
+
+    n = len(args.image)
+    if len(args.labels) != n:
+        raise FewscanError(f"{n} --image but {len(args.labels)} --labels: give one label map per image")
+    names = _per_image(args.names, n, "--names")
+    modalities = [None if m in (None, "auto") else m for m in _per_image(args.modality, n, "--modality")]
+    subjects = [load_subject(img, lab, read_names(spec), mod)
+                for img, lab, spec, mod in zip(args.image, args.labels, names, modalities, strict=True)]
+    settings = {k: getattr(args, k) for k in ("size", "spacing", "slab", "per_group", "min_groups", "ct_window",
+                                              "seed")}
+    patches = organ_patches(
+        subjects, size=args.size, spacing=args.spacing, slab_mm=args.slab, per_group=args.per_group,
+        min_groups=args.min_groups, ct_window=args.ct_window, seed=args.seed,
+        structures=[s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None)
+    write_patches(patches, args.out, settings)
+    print(summary(patches))
+    print(f"wrote {args.out}")
+    return 0
+
+
 # Each task kind is a module with `train(cfg, run_dir) -> Path`, `evaluate(run_dir, out) -> dict` and
 # `summary_table(report) -> str`.
 TASKS: dict[str, str] = {
@@ -270,6 +321,7 @@ VERBS: dict[str, Verb] = {
     "synth": (_synth_args, _synth),
     "index": (_index_args, _index),
     "convert": (_convert_args, _convert),
+    "patches": (_patches_args, _patches),
     "train": (_train_args, _train),
     "evaluate": (_evaluate_args, _evaluate),
     "episodes": (_episodes_args, _episodes),
@@ -299,6 +351,7 @@ VERB_HELP: dict[str, str] = {
     "synth": "write the seeded synthetic TCIA-style demo cohort (DICOM + NIfTI + findings.csv)",
     "index": "index a folder tree into a manifest CSV",
     "convert": "convert a DICOM series, SEG, RTSTRUCT or label map to NIfTI (dcm2niix-equivalent geometry)",
+    "patches": "cut 2D organ patches from labelled volumes into a classification npz (pseudo-patient z-slab groups)",
     "train": "meta-train from a YAML config into a run directory",
     "evaluate": "evaluate a run on its held-out classes over fixed episodes; writes report.json",
     "episodes": "write a fixed evaluation episode file (exact cases per episode) for paired comparisons",
