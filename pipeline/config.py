@@ -180,7 +180,7 @@ class SegmentationConfig:
     n_supervoxels: int = Field(default=60, ge=2)
     chunks: int = Field(default=3, ge=1)  # 2d evaluation: support/query slice chunks (SSL-ALPNet)
     inner_steps: int = Field(default=3, ge=1)  # maml and finetune: steps on the support
-    inner_lr: float = Field(default=0.01, gt=0)
+    inner_lr: float = Field(default=0.2, gt=0)  # maml SGD step: 0.01 left the meta-init all background
     first_order: bool = True
     finetune_steps: int = Field(default=20, ge=0)
     baselines: list[Literal["atlas", "finetune"]] = Field(default_factory=lambda: ["finetune"])
