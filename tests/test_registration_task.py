@@ -42,7 +42,13 @@ def test_train_evaluate_writes_the_report_contract(folder: Path, tmp_path: Path)
         assert set(block["per_structure"]) <= {"core", "shell"}
     assert report["unregistered"]["metrics"]["folding"]["mean"] == 0.0  # identity never folds
     assert report["baseline_sitk"]["kind"] == "affine+demons"
-    assert "Dice" in summary_table(report)
+    # paired comparison: per-pair Dice of fewscan minus the baseline's, on the same 3 pairs
+    ours, theirs = report["per_pair"]["dice"], report["baseline_sitk"]["per_pair"]["dice"]
+    assert len(ours) == len(theirs) == 3
+    assert report["metrics"]["dice"]["mean"] == pytest.approx(sum(ours) / 3)
+    diff = report["paired"]["baseline_sitk"]["dice"]
+    assert diff["mean"] == pytest.approx(sum(a - b for a, b in zip(ours, theirs, strict=True)) / 3)
+    assert "Dice" in summary_table(report) and "paired Dice" in summary_table(report)
 
 
 def test_joint_training_sitk_prealign_and_diffeomorphic_voxelmorph_run(folder: Path, tmp_path: Path) -> None:
