@@ -131,7 +131,7 @@ def load_subject(image: Path, labels: Path, names: dict[int, str], modality: str
     kind = (modality or guess_modality(vol)).upper()
     if kind not in MODALITIES:
         raise FewscanError(f"{image}: modality {modality!r} is not one of {list(MODALITIES)}")
-    log.info("%s: %s %s at %s mm", Path(image).name, kind, vol.array.shape, np.round(vol.spacing, 2))
+    log.info("subject: %s %s at %s mm", kind, vol.array.shape, np.round(vol.spacing, 2))  # no file names: IDs
     return Subject(vol, Volume(np.asarray(lab.array).astype(np.int32), lab.affine, lab.meta), dict(names), kind)
 
 

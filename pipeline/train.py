@@ -119,10 +119,6 @@ def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) 
     return state
 
 
-# Methods whose task loss mutates no shared state (MAML-family: functional inner loop, no running statistics).
-THREAD_SAFE_METHODS = ("maml", "metasgd")
-
-
 # --- one meta-iteration ----------------------------------------------------------------------------------------
 def meta_step(model: nn.Module, tasks: list[tuple[torch.Tensor, ...]], n_way: int, cfg: Config,
               world: distributed.World) -> tuple[float, float, float]:
@@ -141,7 +137,7 @@ def meta_step(model: nn.Module, tasks: list[tuple[torch.Tensor, ...]], n_way: in
         losses, logits = model.vmap_task_losses(sx, sy, qx, qy, n_way)
         (losses.sum() / len(tasks)).backward()
         return (float(losses.detach().sum()), float((logits.argmax(-1) == qy).sum()), float(qy.numel()))
-    if cfg.method.task_threads > 1 and cfg.method.name in THREAD_SAFE_METHODS and len(mine) > 1:
+    if cfg.method.task_threads > 1 and getattr(model, "parallel_tasks", False) and len(mine) > 1:
         def one(replica: nn.Module, task: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
             out = replica.task_loss(*task[:4], n_way, classes=task[4])
             return out.loss / len(tasks), out.logits.detach()

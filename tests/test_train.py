@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -79,10 +80,16 @@ def test_vmap_meta_batch_trains_like_the_task_loop(tmp_path: Path) -> None:
     assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
 
 
-def test_task_threads_train_like_the_task_loop(tmp_path: Path) -> None:
+def test_task_threads_train_like_the_task_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.train as train_module
+
+    calls = []
+    real = train_module.threaded_task_grads
+    monkeypatch.setattr(train_module, "threaded_task_grads", lambda *a, **k: calls.append(1) or real(*a, **k))
     runs = []
     for threads in (1, 2):
         cfg = tiny_config(tmp_path, "method.name=maml", "method.inner_steps=1", "method.meta_batch=3",
                           f"method.task_threads={threads}", "train.iterations=2", "train.val_every=0")
         runs.append(load_file(str(train(cfg, tmp_path / f"threads_{threads}") / "model.safetensors")))
+    assert len(calls) == 2  # the threaded path ran once per iteration of the 2-thread run, never in the other
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -188,6 +188,10 @@ class MAML(FewShotMethod):
             off by default: on our loaded 2-core CPU it measured no faster (0.98-1.14x the time, interleaved A/B).
     """
 
+    # Task losses mutate no shared state (functional inner loop, no running statistics): `threaded_task_grads` may
+    # run the tasks of a meta-batch in parallel threads (`method.task_threads`).
+    parallel_tasks = True
+
     def __init__(self, encoder: nn.Module, max_ways: int, inner_steps: int = 5, inner_lr: float = 0.4,
                  first_order: bool = False, eval_steps: int | None = None, channels_last: bool = False) -> None:
         super().__init__()
