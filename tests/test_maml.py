@@ -162,3 +162,51 @@ def test_threaded_tasks_give_the_loop_gradients(method: str) -> None:
     assert any(float(g.abs().sum()) > 0 for g in threaded)
     rep = replicate(net)
     assert rep is not net and all(a is b for a, b in zip(rep.parameters(), net.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_speed_up_keeps_outputs_and_second_order_gradients_bitwise(dims: int) -> None:
+    """MAML reorders ReLU -> max-pool into pool -> ReLU and runs pools channels-last: nothing observable changes."""
+    import copy
+
+    from pipeline.layers import FastMaxPool, pool_before_relu, speed_up
+
+    conv, bn, pool = ((nn.Conv3d, nn.BatchNorm3d, nn.MaxPool3d) if dims == 3
+                      else (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d))
+    torch.manual_seed(0)
+    net = nn.Sequential(conv(1, 4, 3, padding=1), bn(4, track_running_stats=False), nn.ReLU(), pool(2),
+                        conv(4, 4, 3, padding=1), nn.ReLU(), pool(3, stride=2, padding=1, ceil_mode=True),
+                        nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(6, 1, *[9] * dims)
+    net(x)  # materialise the lazy head
+    fast_net = speed_up(copy.deepcopy(net))
+    assert isinstance(fast_net[2], FastMaxPool) and isinstance(fast_net[3], nn.ReLU)
+    assert isinstance(speed_up(fast_net)[2].pool, nn.MaxPool2d | nn.MaxPool3d)  # idempotent: no double wrapping
+    assert pool_before_relu(copy.deepcopy(net)) == 2
+    assert list(fast_net.state_dict()) == list(net.state_dict())
+    assert torch.equal(net(x), fast_net(x))
+    grads = []
+    for model in (net, fast_net):
+        params = dict(model.named_parameters())
+        fast = adapt(params, lambda p, m=model: F.cross_entropy(call(m, p, x), torch.arange(6) % 2), 2, 0.5)
+        grads.append(torch.autograd.grad(call(model, fast, x).pow(2).sum(), list(params.values())))
+    # many windows are all-negative before the ReLU (ties at 0 after it): the gradients must still be identical
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    assert all(float(g.abs().sum()) > 0 for g in grads[0])
+
+
+def test_fast_max_pool_matches_pytorch_in_values_ties_and_higher_order_gradients() -> None:
+    from pipeline.layers import FastMaxPool
+
+    torch.manual_seed(0)
+    for ref in (nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.MaxPool3d(2)):
+        d = 3 if isinstance(ref, nn.MaxPool3d) else 2
+        x = torch.randn(2, 3, *[7] * d, dtype=torch.double).relu().requires_grad_()  # relu: many tied zeros
+        fast = FastMaxPool(ref)
+        assert torch.equal(fast(x), ref(x))
+        w = torch.randn_like(ref(x))
+        g_ref, = torch.autograd.grad((ref(x) * w).sum(), x, create_graph=True)
+        g_fast, = torch.autograd.grad((fast(x) * w).sum(), x, create_graph=True)
+        assert torch.equal(g_ref, g_fast)
+        assert torch.autograd.gradgradcheck(fast, (torch.randn(1, 2, *[5] * d, dtype=torch.double,
+                                                                requires_grad=True),))
