@@ -145,7 +145,8 @@ def totalseg_folder(src: Path, out: Path, spacing: float = 3.0) -> Path:
     return out
 
 
-def bench_real(work: Path, data_root: Path, iterations: int, only: list[str] | None, k2: bool = True) -> dict:
+def bench_real(work: Path, data_root: Path, iterations: int, only: list[str] | None, k2: bool = True,
+               baselines: bool = True) -> dict:
     folder = work / "totalseg_dec"
     if not (folder / "dataset.json").is_file():
         totalseg_folder(data_root / "totalsegmentator_example", folder)
@@ -165,7 +166,7 @@ def bench_real(work: Path, data_root: Path, iterations: int, only: list[str] | N
     for name, extra in runs.items():
         if only and name not in only:
             continue
-        cfg = load_config(CONFIG, [*common, *extra])
+        cfg = load_config(CONFIG, [*common, *extra, *([] if baselines else ["segmentation.baselines=[]"])])
         run = work / f"real_{name}"
         if run.exists():
             shutil.rmtree(run)
@@ -223,13 +224,14 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--only", nargs="*", default=None, help="real: run only these configurations")
     ap.add_argument("--no-k2", action="store_true", help="real: skip the K=2 re-evaluation")
+    ap.add_argument("--no-baselines", action="store_true", help="real: skip fine-tuning and atlas (slow)")
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("FEWSCAN_DATA", REPO.parent / "shared" / "data")))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.part == "schedule":
         result = bench_schedule(args.work, args.cases)
     elif args.part == "real":
-        result = bench_real(args.work, args.data, args.iterations, args.only, not args.no_k2)
+        result = bench_real(args.work, args.data, args.iterations, args.only, not args.no_k2, not args.no_baselines)
     else:
         result = bench_speed(args.work)
     suffix = "_" + "_".join(args.only) if args.only else ""
