@@ -56,3 +56,21 @@ def test_label_with_other_geometry(tmp_path: Path, capsys: pytest.CaptureFixture
     nib.save(nib.Nifti1Image(np.zeros((5, 6, 3), np.uint8), np.diag([0.7, 0.8, 2.0, 1.0])), tmp_path / "lab.nii.gz")
     err = run_convert(tmp_path, capsys, str(tmp_path / "lab.nii.gz"), "--reference", str(tmp_path / "ct"))
     assert "lab.nii.gz: geometry differs from its image" in err
+
+
+def test_atomic_outputs_get_umask_permissions_and_vanish_on_failure(tmp_path: Path) -> None:
+    """Outputs are written beside the target and renamed: on success they carry the usual permissions (not
+    mkstemp's 0600, which hid predictions from colleagues in a shared folder), on failure nothing is left."""
+    import os
+
+    from datasets.volume import atomic_path
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    with atomic_path(tmp_path / "out" / "pred.nii.gz") as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "out" / "pred.nii.gz").stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "out" / "other.nii.gz") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pred.nii.gz"]
