@@ -282,6 +282,7 @@ def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
               "episodes": len(episodes), "shots": cfg.episodes.shots, "queries": cfg.episodes.queries,
               "structures": sorted({e["structure"] for e in episodes}), "empty_mask_policy": EMPTY_MASK_POLICY,
               **main, "untrained": blocks.pop("untrained"), **{f"baseline_{n}": b for n, b in blocks.items()}}
+    report["paired"] = paired(report)
     out = Path(out or run_dir / "report.json")
     write_json(report, out)
     plot_dice_boxes({n: _episode_dice(scores[n]) for n in runners}, out.with_name("dice.png"))
@@ -301,7 +302,7 @@ def _episode_dice(per_structure: dict[str, list[tuple[int, float, float]]]) -> d
 
 def _block(per_structure: dict[str, list[tuple[int, float, float]]], seconds: list[float]) -> dict[str, Any]:
     """`metrics` and `per_structure` (Dice, HD95: mean and 95% CI over episodes) plus seconds per query."""
-    per, all_d, all_h = {}, [], []
+    per, all_d, all_h, episodes = {}, [], [], []
     for s, rows in sorted(per_structure.items()):
         eps: dict[int, list[tuple[float, float]]] = {}
         for i, d, h in rows:
@@ -311,8 +312,23 @@ def _block(per_structure: dict[str, list[tuple[int, float, float]]], seconds: li
         per[s] = {"dice": mean_ci95(d), "hd95": mean_ci95(h)}
         all_d += d
         all_h += h
+        episodes += [{"episode": i, "structure": s, "dice": dv, "hd95": hv}
+                     for i, dv, hv in zip(eps, d, h, strict=True)]
     return {"metrics": {"dice": mean_ci95(all_d), "hd95": mean_ci95(all_h)}, "per_structure": per,
+            "per_episode": sorted(episodes, key=lambda e: e["episode"]),
             "seconds_per_query": float(np.mean(seconds)) if seconds else 0.0}
+
+
+def paired(report: dict[str, Any]) -> dict[str, Any]:
+    """The method minus each baseline (and the untrained weights), episode by episode: Dice difference, mean ± 95% CI.
+
+    Every method segments the same queries from the same supports, so the paired difference says whether the
+    method is lower on the same episodes, which two overlapping unpaired intervals cannot. The episodes row of
+    `episodes.json` with the same index names the structure and cases (by id) of each `per_episode` entry.
+    """
+    ours = np.asarray([e["dice"] for e in report["per_episode"]])
+    return {key: {"dice": mean_ci95(list(ours - np.asarray([e["dice"] for e in report[key]["per_episode"]])))}
+            for key in report if key == "untrained" or key.startswith("baseline_")}
 
 
 def summary_table(report: dict[str, Any]) -> str:
@@ -329,4 +345,8 @@ def summary_table(report: dict[str, Any]) -> str:
     for s, m in report["per_structure"].items():
         lo, hi = m["dice"]["ci95"]
         lines.append(f"  {report['method']} {s}: Dice {m['dice']['mean']:.3f} [{lo:.3f}, {hi:.3f}]")
+    for key, diff in report.get("paired", {}).items():
+        d = diff["dice"]
+        lines.append(f"  paired Dice, {report['method']} minus {key.removeprefix('baseline_')}: {d['mean']:+.3f} "
+                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
     return "\n".join(lines)

@@ -49,6 +49,16 @@ def test_ssl_train_evaluate_report_contract(decathlon: Path, tmp_path: Path, ove
     _check_block(report["untrained"], structures)
     for name in cfg.segmentation.baselines:
         _check_block(report[f"baseline_{name}"], structures)
+    # per-episode Dice (one entry per fixed episode, in episode order) and the paired differences built from it
+    episodes = [e["episode"] for e in report["per_episode"]]
+    assert episodes == sorted(episodes) and len(episodes) == report["episodes"]
+    assert abs(sum(e["dice"] for e in report["per_episode"]) / len(episodes) - report["metrics"]["dice"]["mean"]) < 1e-9
+    assert set(report["paired"]) == {"untrained", *(f"baseline_{n}" for n in cfg.segmentation.baselines)}
+    for key, diff in report["paired"].items():
+        assert [e["episode"] for e in report[key]["per_episode"]] == episodes
+        expected = report["metrics"]["dice"]["mean"] - report[key]["metrics"]["dice"]["mean"]
+        assert abs(diff["dice"]["mean"] - expected) < 1e-9 and diff["dice"]["n"] == len(episodes)
+    assert "paired Dice" in summary_table(report)
     assert (run / "report.json").is_file() and (run / "dice.png").is_file() and list(run.glob("overlay_*.png"))
     assert "Dice" in summary_table(report)
     if cfg.segmentation.mode == "2d":  # fixed episodes and seeded fine-tuning: re-evaluation is identical
