@@ -27,6 +27,12 @@ def _normalise(img: sitk.Image) -> sitk.Image:
     return sitk.Cast(sitk.Normalize(sitk.Cast(img, sitk.sitkFloat32)), sitk.sitkFloat32)
 
 
+def _sampling_seed(seed: int) -> int:
+    """SimpleITK's seed for the random metric sampling: never 0, which SimpleITK reads as "seed from the wall clock"
+    (`sitk.sitkWallClock`), so seed 0 made every run sample different voxels."""
+    return seed + 1
+
+
 def affine_sitk(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, iterations: int = 100) -> sitk.Transform:
     """Multi-resolution affine registration (Mattes MI); returns the fixed->moving `AffineTransform`."""
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
@@ -34,7 +40,7 @@ def affine_sitk(fixed: sitk.Image, moving: sitk.Image, seed: int = 0, iterations
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.25, seed)
+    reg.SetMetricSamplingPercentage(0.25, _sampling_seed(seed))
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=iterations,
                                                  relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)
@@ -55,7 +61,7 @@ def bspline_sitk(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform,
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.1, seed)  # full sampling is ~100 s per pair (NOTES.md)
+    reg.SetMetricSamplingPercentage(0.1, _sampling_seed(seed))  # full sampling is ~100 s per pair (NOTES.md)
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=1e-5, numberOfIterations=iterations,
                              maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=4 * iterations)
