@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,15 +67,6 @@ def canonical(volume: Volume) -> Volume:
     return Volume(np.asarray(img.dataobj), img.affine, meta)
 
 
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; restored at once (import time, one thread)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it over ``target`` only if the block succeeds.
@@ -85,13 +76,15 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    while True:  # a fresh name; created 0666 minus the umask like any new file (mkstemp's would be 0600)
+        tmp_path = target.parent / f".{target.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp_path
-        # mkstemp creates the file 0600; give the output the permissions any other new file would get (umask)
-        tmp_path.chmod(0o666 & ~_UMASK)
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
