@@ -46,7 +46,7 @@ def conv_encoder(spatial_dims: int, in_channels: int, channels: list[int], norm_
     layers: list[nn.Module] = []
     c_in = in_channels
     for c_out in channels:
-        # conv -> norm -> max-pool -> ReLU: the same function as the usual norm -> ReLU -> pool (see pool_before_relu)
+        # conv -> norm -> max-pool -> ReLU: the same function as norm -> ReLU -> pool, cheaper (pipeline/layers.py)
         layers += [
             Convolution(spatial_dims, c_in, c_out, kernel_size=3, act=None, norm=norm_spec(norm, c_out, norm_groups)),
             nn.Sequential(pool(2), nn.ReLU()),

@@ -1,4 +1,4 @@
-"""Exact, faster stand-ins for layers of a user's network, applied by the meta-learners (`speed_up`).
+"""Exact, faster stand-ins for layers of a user's network; every few-shot method applies `speed_up` to its encoder.
 
 Second-order MAML runs every layer forward, backward and backward-of-backward, 24 times per meta-iteration of the
 Conv4 benchmark; on a CPU two of PyTorch's own choices cost more there than the convolutions' arithmetic would

@@ -210,3 +210,28 @@ def test_fast_max_pool_matches_pytorch_in_values_ties_and_higher_order_gradients
         assert torch.equal(g_ref, g_fast)
         assert torch.autograd.gradgradcheck(fast, (torch.randn(1, 2, *[5] * d, dtype=torch.double,
                                                                 requires_grad=True),))
+
+
+@pytest.mark.parametrize("name", ["protonet", "matching", "siamese", "finetune", "maml", "metasgd", "reptile"])
+def test_every_method_runs_its_encoder_through_speed_up(name: str) -> None:
+    """Built by config or by hand, each method gets the exact faster pools (and pool -> ReLU order) once."""
+    from pipeline.layers import FastMaxPool
+    from pipeline.methods.finetune import FineTune
+    from pipeline.methods.matching import MatchingNet
+    from pipeline.methods.protonet import ProtoNet
+    from pipeline.methods.siamese import Siamese
+
+    def encoder() -> nn.Module:
+        enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        enc.out_dim = 4 * 4 * 4
+        return enc
+
+    build = {"protonet": lambda: ProtoNet(encoder()), "matching": lambda: MatchingNet(encoder()),
+             "siamese": lambda: Siamese(encoder()), "finetune": lambda: FineTune(encoder(), n_base=3),
+             "maml": lambda: MAML(encoder(), 2), "metasgd": lambda: MetaSGD(encoder(), 2),
+             "reptile": lambda: Reptile(encoder(), 2)}
+    model = build[name]()
+    pools = [m for m in model.modules() if isinstance(m, FastMaxPool)]
+    assert len(pools) == 1 and not isinstance(pools[0].pool, FastMaxPool)
+    seq = next(m for m in model.modules() if isinstance(m, nn.Sequential) and isinstance(m[0], nn.Conv2d))
+    assert isinstance(seq[1], FastMaxPool) and isinstance(seq[2], nn.ReLU)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.layers import speed_up
 from pipeline.methods.base import FewShotMethod, TaskOut
 from pipeline.methods.finetune import FineTune
 from pipeline.methods.maml import MAML
@@ -50,8 +49,5 @@ METHODS: dict[str, Callable[[Config, nn.Module, int], nn.Module]] = {
 
 
 def build_method(cfg: Config, encoder: nn.Module, n_base: int = 1) -> FewShotMethod:
-    """The method named by `cfg.method.name`, wrapping `encoder`; `n_base` sizes the fine-tune head.
-
-    The encoder's max-pools get exact faster stand-ins first (`pipeline.layers.speed_up`).
-    """
-    return METHODS[cfg.method.name](cfg, speed_up(encoder), n_base)
+    """The method named by `cfg.method.name`, wrapping `encoder`; `n_base` sizes the fine-tune head."""
+    return METHODS[cfg.method.name](cfg, encoder, n_base)

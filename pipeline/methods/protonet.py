@@ -38,7 +38,7 @@ class ProtoNet(FewShotMethod):
 
     def __init__(self, encoder: nn.Module, distance: str = "euclidean") -> None:
         super().__init__()
-        self.encoder = speed_up(encoder)  # exact, faster max-pools (pipeline/layers.py)
+        self.encoder = speed_up(encoder)  # exact, faster pools (pipeline/layers.py)
         self.distance = distance
 
     def forward(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, n_way: int) -> Tensor:
