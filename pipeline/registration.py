@@ -89,7 +89,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
     start = time.perf_counter()
     loader = episode_loader(stream, cfg.episodes.workers, cfg.episodes.prefetch)
     for it, batches in enumerate(progress(loader, total=cfg.train.iterations, desc=f"meta-training ({rcfg.meta})",
-                                      unit="task")):
+                                          unit="task")):
         if opt is None:  # Reptile: one task = one fixed image, one batch of its pairs per inner step
             steps = iter(batches)
             loss, inner = reptile_step(model, losses, lambda s=steps: next(s), rcfg.inner_steps, cfg.train.lr,

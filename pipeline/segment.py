@@ -110,7 +110,7 @@ def train(cfg: Config, run_dir: Path) -> Path:
     stream = SegEpisodes(train_cases, cfg, split, cfg.train.iterations)
     model.train()
     bar = progress(episode_loader(stream, cfg.episodes.workers, cfg.episodes.prefetch), total=cfg.train.iterations,
-               desc="meta-training", unit="episode")
+                   desc="meta-training", unit="episode")
     for it, (sx, sm, qx, qm) in enumerate(bar):
         if cfg.segmentation.method == "proto":
             loss = loss_fn(model(sx, sm, qx), qm)
@@ -277,6 +277,7 @@ def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
                                  truth[:, :, k], pred[:, :, k], f"{s}: episode {i}, query slice {k}",
                                  (out or run_dir / "report.json").parent / f"overlay_{s}.png")
     blocks = {n: _block(scores[n], seconds[n]) for n in runners}
+    per_structure_dice = {n: _dice_by_structure(b["per_episode"]) for n, b in blocks.items()}  # for the box plot
     main = blocks.pop(scfg.method)
     report = {"task": "segmentation", "method": scfg.method, "mode": scfg.mode, "supervision": scfg.supervision,
               "episodes": len(episodes), "shots": cfg.episodes.shots, "queries": cfg.episodes.queries,
@@ -285,18 +286,15 @@ def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
     report["paired"] = paired(report)
     out = Path(out or run_dir / "report.json")
     write_json(report, out)
-    plot_dice_boxes({n: _episode_dice(scores[n]) for n in runners}, out.with_name("dice.png"))
+    plot_dice_boxes(per_structure_dice, out.with_name("dice.png"))
     return report
 
 
-def _episode_dice(per_structure: dict[str, list[tuple[int, float, float]]]) -> dict[str, list[float]]:
-    """Per structure, one Dice per episode (mean over that episode's queries)."""
-    out = {}
-    for s, rows in per_structure.items():
-        eps: dict[int, list[float]] = {}
-        for i, d, _ in rows:
-            eps.setdefault(i, []).append(d)
-        out[s] = [float(np.mean(v)) for v in eps.values()]
+def _dice_by_structure(per_episode: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per structure, one Dice per episode (mean over that episode's queries), from a block's `per_episode`."""
+    out: dict[str, list[float]] = {}
+    for e in per_episode:
+        out.setdefault(e["structure"], []).append(e["dice"])
     return out
 
 

@@ -250,7 +250,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     end = tr.iterations if stop_at is None else min(stop_at, tr.iterations)
     model.train()
     bar = progress(range(start, end), desc="meta-training", unit="it", disable=not world.main, initial=start,
-               total=tr.iterations)
+                   total=tr.iterations)
     stopped_early = False
 
     def checkpoint(it: int) -> None:
