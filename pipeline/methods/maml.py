@@ -197,7 +197,7 @@ class MAML(FewShotMethod):
                  first_order: bool = False, eval_steps: int | None = None, channels_last: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(encoder, nn.Linear(encoder.out_dim, max_ways))
-        speed_up(self.net)  # same function, bitwise the same gradients, less time and memory (pipeline/layers.py)
+        speed_up(self.net)  # same function and gradients, less time and memory (pipeline/layers.py)
         self.inner_steps, self.inner_lr, self.first_order = inner_steps, inner_lr, first_order
         self.eval_steps = inner_steps if eval_steps is None else eval_steps
         self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in self.net.modules())
