@@ -5,7 +5,7 @@ For each method this writes `WORK/<method>.yaml` = `extends: DATASET_CONFIG` + t
 
     python -m pipeline train WORK/<method>.yaml --set train.device=cpu --set ... --out WORK/<method>
     python -m pipeline evaluate WORK/<method>                 # K = episodes.shots of the config (1)
-    python -m pipeline evaluate WORK/<method>_5shot           # a copy of the run with episodes.shots: 5
+    python -m pipeline evaluate WORK/<method> --set shots=5 --out WORK/<method>/report_5shot.json   # same weights
 
 and prints a markdown table (accuracy with 95% CI for the untrained and trained weights, balanced accuracy,
 macro-AUC) plus wall and CPU seconds per phase; everything is also saved to `WORK/results.json`.
@@ -48,21 +48,6 @@ def run(cmd: list[str], log: Path) -> dict[str, float]:
         sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}; see {log}")
     return {"wall_s": time.perf_counter() - start,
             "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
-
-
-def copy_with_shots(run_dir: Path, shots: int, queries: int | None) -> Path:
-    """A copy of a trained run whose config asks for `shots` (and `queries`) at evaluation; same weights."""
-    out = run_dir.with_name(f"{run_dir.name}_{shots}shot")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("episodes.json", "report.json", "confusion.*",
-                                                                "*.png", "tensorboard", "last", "best"))
-    cfg = yaml.safe_load((out / "config.yaml").read_text())
-    cfg["episodes"]["shots"] = shots
-    if queries is not None:
-        cfg["episodes"]["queries"] = queries
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return out
 
 
 def fmt(metric: dict) -> str:
@@ -117,9 +102,12 @@ def main() -> None:
         timing["evaluate_1"] = run([python, "-m", "pipeline", "evaluate", str(run_dir)], log)
         reports = {1: json.loads((run_dir / "report.json").read_text())}
         if not args.no_5shot:
-            five = copy_with_shots(run_dir, 5, args.queries5)
-            timing["evaluate_5"] = run([python, "-m", "pipeline", "evaluate", str(five)], log)
-            reports[5] = json.loads((five / "report.json").read_text())
+            # the same weights at K=5 (their own episode set and report_shots5*.json beside the run's own)
+            sets5 = ["shots=5", *([f"queries={args.queries5}"] if args.queries5 is not None else [])]
+            out5 = run_dir / "report_5shot.json"
+            timing["evaluate_5"] = run([python, "-m", "pipeline", "evaluate", str(run_dir), "--out", str(out5),
+                                        *[a for s in sets5 for a in ("--set", s)]], log)
+            reports[5] = json.loads(out5.read_text())
         state = json.loads((run_dir / "state.json").read_text())
         results[method] = {"iterations": state["iterations"], "stopped_early": state["stopped_early"],
                            "best_iteration": state["best_iteration"], "timing": timing, "overrides": sets,

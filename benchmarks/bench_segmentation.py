@@ -28,7 +28,6 @@ sys.path.insert(0, str(REPO))
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 from nibabel.processing import resample_from_to, resample_to_output  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
@@ -75,15 +74,9 @@ def table(reports: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def reevaluate(run: Path, shots: int, out_dir: Path) -> dict:
-    """The same trained weights evaluated at another K (fresh fixed episodes)."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    shutil.copytree(run, out_dir, ignore=shutil.ignore_patterns("episodes.json", "report.json", "*.png"))
-    cfg = yaml.safe_load((out_dir / "config.yaml").read_text())
-    cfg["episodes"]["shots"] = shots
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return evaluate(out_dir)
+def reevaluate(run: Path, shots: int) -> dict:
+    """The same trained weights evaluated at another K (`evaluate --set shots=K`: fresh fixed episodes, own files)."""
+    return evaluate(run, overrides=[f"shots={shots}"])
 
 
 # --- schedule -----------------------------------------------------------------------------------------
@@ -97,7 +90,7 @@ def bench_schedule(work: Path, n_cases: int) -> dict:
         shutil.rmtree(run)
     _, t_train = timed(train, cfg, run)
     rep1, t_eval = timed(evaluate, run)
-    rep5, t_eval5 = timed(reevaluate, run, 5, work / f"schedule_{n_cases}_k5")
+    rep5, t_eval5 = timed(reevaluate, run, 5)
     result = {"cases": n_cases, "iterations": cfg.train.iterations, "train": t_train, "evaluate_k1": t_eval,
               "evaluate_k5": t_eval5, "total_wall_s": t_train["wall_s"] + t_eval["wall_s"],
               "reports": {"K=1": rep1, "K=5": rep5}}
@@ -176,7 +169,7 @@ def bench_real(work: Path, data_root: Path, iterations: int, only: list[str] | N
         results["runs"][name] = {"train": t_train, "eval_k1": t1, "K=1": rep1}
         print(table({f"{name} K=1": rep1}), flush=True)
         if k2:  # the same weights with 2 support scans (5-shot needs 6 subjects; the example has 3)
-            rep2, t2 = timed(reevaluate, run, 2, work / f"real_{name}_k2")
+            rep2, t2 = timed(reevaluate, run, 2)
             reports[f"{name} K=2"] = rep2
             results["runs"][name].update(eval_k2=t2, **{"K=2": rep2})
             print(table({f"{name} K=2": rep2}), flush=True)

@@ -175,19 +175,29 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="report path (default RUN_DIR/report.json)")
     p.add_argument("--episodes", type=Path, default=None, metavar="FILE",
                    help="evaluate on exactly these episodes (written by `episodes`), for paired comparisons")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="evaluate the same weights another way, e.g. --set shots=5 (episodes.*, seed, train.device; "
+                        "classification and segmentation); writes report_shots5.json etc. beside the run's own")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
     import yaml
 
+    from pipeline.train import evaluation_files
+
     if not (args.run_dir / "config.yaml").is_file():
         raise FewscanError(f"{args.run_dir}: not a run directory (no config.yaml); run `train` first")
     task = (yaml.safe_load((args.run_dir / "config.yaml").read_text()) or {}).get("task", "classification")
     module = task_module(task)
-    extra = {"episodes_file": args.episodes} if args.episodes is not None else {}
+    extra: dict[str, object] = {"episodes_file": args.episodes} if args.episodes is not None else {}
+    if args.overrides:
+        if task == "registration":
+            raise FewscanError("evaluate --set: registration runs are scored on the pairs fixed at training; "
+                               "--set applies to classification and segmentation runs")
+        extra["overrides"] = args.overrides
     report = module.evaluate(args.run_dir, args.out, **extra)
     print(module.summary_table(report))
-    print(f"report: {args.out or args.run_dir / 'report.json'}")
+    print(f"report: {evaluation_files(args.run_dir, args.overrides, args.out)[1]}")
     return 0
 
 

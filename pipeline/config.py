@@ -282,6 +282,35 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What `evaluate --set` may change: how a run is evaluated, never what was trained (model, method, data, split).
+EVAL_KEYS = ("episodes.shots", "episodes.queries", "episodes.ways", "episodes.eval_episodes", "seed")
+EVAL_RUNTIME_KEYS = ("train.device", "train.threads")  # change no number, so no separate report
+
+
+def evaluation_overrides(overrides: list[str]) -> tuple[list[str], str]:
+    """Check `evaluate --set` items against `EVAL_KEYS`; return them with aliases resolved, and a file tag.
+
+    The tag (e.g. `shots5_queries10`, empty when only runtime keys change) names the episode set and report
+    that such an evaluation writes beside the run's own, so one trained run can be scored at several K.
+
+    Raises:
+        ConfigError: a key outside `EVAL_KEYS` + `EVAL_RUNTIME_KEYS`, or an item without `=`.
+    """
+    resolved, tag = [], []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key = ALIASES.get(key, key)
+        if key not in EVAL_KEYS + EVAL_RUNTIME_KEYS:
+            raise ConfigError(f"evaluate --set {key}: only {', '.join(EVAL_KEYS + EVAL_RUNTIME_KEYS)} can change "
+                              "after training (the weights belong to the rest of the run's config)")
+        resolved.append(f"{key}={text}")
+        if key in EVAL_KEYS:
+            tag.append(f"{key.rsplit('.', 1)[-1].replace('eval_', '')}{text.strip()}")
+    return resolved, "_".join(tag)
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.sub=value` strings (values parsed as YAML: numbers, lists, null) to a raw mapping."""
     for item in overrides:

@@ -14,7 +14,15 @@ from pipeline.episodes import Episode, evaluation_episodes, split_groups
 from pipeline.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95
 from pipeline.progress import progress
 from pipeline.report import plot_accuracy, plot_confusion, write_json
-from pipeline.train import build_model, episode_batch, load_run_config, load_weights, pick_device, read_split
+from pipeline.train import (
+    build_model,
+    episode_batch,
+    evaluation_files,
+    load_run_config,
+    load_weights,
+    pick_device,
+    read_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +57,16 @@ def episode_metrics(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any
     return {name: mean_ci95(values, bounds=(0.0, 1.0)) for name, values in per.items()}
 
 
-def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None = None) -> dict[str, Any]:
+def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None = None,
+             overrides: list[str] | None = None) -> dict[str, Any]:
     """Evaluate a run directory's trained and untrained weights; writes `report.json` and `accuracy.png`.
 
     With `episodes_file` (from `python -m pipeline episodes`), exactly those episodes are used (copied into the
-    run as `episodes.json`), so different methods are compared on the same cases.
+    run as `episodes.json`), so different methods are compared on the same cases. `overrides` (`--set shots=5`)
+    evaluate the same weights another way, into their own files (`evaluation_files`).
     """
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    episodes_path, out, suffix = evaluation_files(run_dir, overrides, out)
     split = read_split(run_dir)
     device = pick_device(cfg.train.device)
     ep_cfg = cfg.episodes
@@ -63,8 +74,7 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
         # Re-use the manifest written at training time, so evaluation sees exactly the indexed files.
         cfg.data.manifest = str(run_dir / "manifest.csv")
     items = open_source(cfg).items(split["novel"], split_groups(split, "novel"))
-    episodes = evaluation_episodes(cfg, split, items.labels, items.groups, items.ids, run_dir / "episodes.json",
-                                   episodes_file)
+    episodes = evaluation_episodes(cfg, split, items.labels, items.groups, items.ids, episodes_path, episodes_file)
 
     model = build_model(cfg, n_base=len(split["base"])).to(device)
     preds = {
@@ -91,11 +101,10 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
         "per_class": _per_class(episodes, preds["trained"]),
         "confusion": {"classes": names, "matrix": confusion.tolist()},
     }
-    out = out or run_dir / "report.json"
     write_json(report, out)
-    write_json(report["confusion"], out.with_name("confusion.json"))
-    plot_confusion(confusion, names, out.with_name("confusion.png"))
-    plot_accuracy(per_episode, chance, out.with_name("accuracy.png"))
+    write_json(report["confusion"], out.with_name(f"confusion{suffix}.json"))
+    plot_confusion(confusion, names, out.with_name(f"confusion{suffix}.png"))
+    plot_accuracy(per_episode, chance, out.with_name(f"accuracy{suffix}.png"))
     return report
 
 

@@ -41,7 +41,7 @@ from pipeline.seg_episodes import (
     split_patients,
     split_structures,
 )
-from pipeline.train import load_run_config, load_weights, save_weights, seed_everything
+from pipeline.train import evaluation_files, load_run_config, load_weights, save_weights, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -235,15 +235,18 @@ def method_runners(cfg: Config, run_dir: Path) -> dict[str, Callable[..., np.nda
 
 
 # --- evaluate -----------------------------------------------------------------------------------------
-def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
-    """Score every method on the fixed held-out-structure episodes; writes the report, box plot and overlays."""
+def evaluate(run_dir: Path, out: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Score every method on the fixed held-out-structure episodes; writes the report, box plot and overlays.
+
+    `overrides` (`--set shots=5`) evaluate the same weights another way, into their own files (`evaluation_files`).
+    """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    episodes_path, out, suffix = evaluation_files(run_dir, overrides, out)
     scfg = cfg.segmentation
     set_threads(cfg)
     cases = load_cases(cfg)
     by_id = {c.case_id: c for c in cases}
-    episodes_path = run_dir / "episodes.json"
     if episodes_path.exists():
         import json
 
@@ -275,7 +278,7 @@ def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
                     k, ks_s = int(np.argmax(truth.sum((0, 1)))), int(np.argmax(supports[0][1].sum((0, 1))))
                     plot_overlay(supports[0][0][:, :, ks_s], supports[0][1][:, :, ks_s], q.image[:, :, k],
                                  truth[:, :, k], pred[:, :, k], f"{s}: episode {i}, query slice {k}",
-                                 (out or run_dir / "report.json").parent / f"overlay_{s}.png")
+                                 out.parent / f"overlay_{s}{suffix}.png")
     blocks = {n: _block(scores[n], seconds[n]) for n in runners}
     per_structure_dice = {n: _dice_by_structure(b["per_episode"]) for n, b in blocks.items()}  # for the box plot
     main = blocks.pop(scfg.method)
@@ -284,9 +287,8 @@ def evaluate(run_dir: Path, out: Path | None = None) -> dict[str, Any]:
               "structures": sorted({e["structure"] for e in episodes}), "empty_mask_policy": EMPTY_MASK_POLICY,
               **main, "untrained": blocks.pop("untrained"), **{f"baseline_{n}": b for n, b in blocks.items()}}
     report["paired"] = paired(report)
-    out = Path(out or run_dir / "report.json")
     write_json(report, out)
-    plot_dice_boxes(per_structure_dice, out.with_name("dice.png"))
+    plot_dice_boxes(per_structure_dice, out.with_name(f"dice{suffix}.png"))
     return report
 
 

@@ -45,6 +45,29 @@ def test_train_then_evaluate_writes_report_contract(cohort: Path, tmp_path: Path
     assert main(["evaluate", str(run), "--out", str(tmp_path / "again.json")]) == 0
     assert json.loads((tmp_path / "again.json").read_text())["metrics"]["accuracy"]["mean"] == first
 
+    # The same weights at another K: own episode set and report; the run's own are neither reused nor changed.
+    own = (run / "report.json").read_bytes(), (run / "episodes.json").read_bytes()
+    assert report["shots"] == 2
+    assert main(["evaluate", str(run), "--set", "shots=1", "--set", "train.device=cpu"]) == 0
+    assert "report_shots1.json" in capsys.readouterr().out
+    at1 = json.loads((run / "report_shots1.json").read_text())
+    assert at1["shots"] == 1 and at1["episodes"] == 10 and (run / "accuracy_shots1.png").is_file()
+    record = json.loads((run / "episodes_shots1.json").read_text())[0]
+    assert sum(c["role"] == "support" for c in record["cases"]) == 1 * report["ways"]
+    assert ((run / "report.json").read_bytes(), (run / "episodes.json").read_bytes()) == own
+
+
+def test_evaluate_set_refuses_what_training_fixed(cohort: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "configs" / "smoke.yaml"), "--set", f"data.root={cohort}",
+                 "--set", "train.iterations=1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--set", "model.encoder=resnet10"]) == 2
+    err = capsys.readouterr().err
+    assert "model.encoder" in err and "can change after training" in err and "Traceback" not in err
+    assert not (run / "report.json").exists() and not list(run.glob("report_*"))
+
 
 def test_training_is_reproducible(cohort: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file

@@ -58,3 +58,14 @@ def test_joint_training_sitk_prealign_and_diffeomorphic_voxelmorph_run(folder: P
     assert report["method"] == "joint+voxelmorph"
     assert "baseline_sitk" not in report and "meta_init" not in report
     assert report["metrics"]["seconds"]["mean"] > 0  # includes the SimpleITK affine pre-alignment
+
+
+def test_evaluate_set_is_refused_for_registration_runs(folder: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.__main__ import main
+
+    run = train(validate(tiny_config(folder, adapt_steps=0, baseline="none")), tmp_path / "run")
+    assert main(["evaluate", str(run), "--set", "shots=2"]) == 2
+    err = capsys.readouterr().err
+    assert "registration runs are scored on the pairs fixed at training" in err and "Traceback" not in err
+    assert not (run / "report.json").exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import load_config
+from pipeline.seg_episodes import role_ids
 from pipeline.seg_io import write_synthetic_decathlon
 from pipeline.segment import evaluate, summary_table, train
 
@@ -63,6 +65,12 @@ def test_ssl_train_evaluate_report_contract(decathlon: Path, tmp_path: Path, ove
     assert "Dice" in summary_table(report)
     if cfg.segmentation.mode == "2d":  # fixed episodes and seeded fine-tuning: re-evaluation is identical
         assert evaluate(run)["metrics"] == report["metrics"]
+        # the same weights at K=2: its own episodes (two support cases each) and report; the run's own untouched
+        own = (run / "report.json").read_bytes()
+        at2 = evaluate(run, overrides=["shots=2"])
+        assert at2["shots"] == 2 and json.loads((run / "report_shots2.json").read_text())["shots"] == 2
+        assert all(len(role_ids(e, "support")) == 2 for e in json.loads((run / "episodes_shots2.json").read_text()))
+        assert (run / "dice_shots2.png").is_file() and (run / "report.json").read_bytes() == own
 
 
 def test_default_maml_inner_loop_escapes_an_all_background_initialisation() -> None:
