@@ -287,16 +287,16 @@ EVAL_KEYS = ("episodes.shots", "episodes.queries", "episodes.ways", "episodes.ev
 EVAL_RUNTIME_KEYS = ("train.device", "train.threads")  # change no number, so no separate report
 
 
-def evaluation_overrides(overrides: list[str]) -> tuple[list[str], str]:
-    """Check `evaluate --set` items against `EVAL_KEYS`; return them with aliases resolved, and a file tag.
+def evaluation_tag(overrides: list[str]) -> str:
+    """Check `evaluate --set` items against `EVAL_KEYS`; return the tag of the files such an evaluation writes.
 
     The tag (e.g. `shots5_queries10`, empty when only runtime keys change) names the episode set and report
-    that such an evaluation writes beside the run's own, so one trained run can be scored at several K.
+    written beside the run's own, so one trained run can be scored at several K.
 
     Raises:
         ConfigError: a key outside `EVAL_KEYS` + `EVAL_RUNTIME_KEYS`, or an item without `=`.
     """
-    resolved, tag = [], []
+    tag = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -305,10 +305,9 @@ def evaluation_overrides(overrides: list[str]) -> tuple[list[str], str]:
         if key not in EVAL_KEYS + EVAL_RUNTIME_KEYS:
             raise ConfigError(f"evaluate --set {key}: only {', '.join(EVAL_KEYS + EVAL_RUNTIME_KEYS)} can change "
                               "after training (the weights belong to the rest of the run's config)")
-        resolved.append(f"{key}={text}")
         if key in EVAL_KEYS:
             tag.append(f"{key.rsplit('.', 1)[-1].replace('eval_', '')}{text.strip()}")
-    return resolved, "_".join(tag)
+    return "_".join(tag)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from datasets.volume import FewscanError, atomic_path
 from pipeline import distributed
-from pipeline.config import Config, apply_overrides, evaluation_overrides, to_dict, validate
+from pipeline.config import Config, apply_overrides, evaluation_tag, to_dict, validate
 from pipeline.data import Items, open_source, source_split
 from pipeline.encoders import build_encoder
 from pipeline.episodes import Episode, EpisodeDataset, EpisodeSampler, episode_loader, split_groups
@@ -329,9 +329,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    """The resolved config a run was trained with, with `evaluate --set` items (see `evaluation_overrides`)."""
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return validate(apply_overrides(raw, evaluation_overrides(overrides or [])[0]), source=str(run_dir / "config.yaml"))
+    """The resolved config a run was trained with, with `evaluate --set` items (checked by `evaluation_tag`)."""
+    evaluation_tag(overrides or [])
+    raw = apply_overrides(yaml.safe_load((run_dir / "config.yaml").read_text()), overrides or [])
+    return validate(raw, source=str(run_dir / "config.yaml"))
 
 
 def evaluation_files(run_dir: Path, overrides: list[str] | None, out: Path | None) -> tuple[Path, Path, str]:
@@ -341,7 +342,7 @@ def evaluation_files(run_dir: Path, overrides: list[str] | None, out: Path | Non
     e.g. `--set shots=5`: `RUN/episodes_shots5.json`, `RUN/report_shots5.json` (or `out`), plots `*_shots5.png`,
     so the run's own evaluation is neither reused nor overwritten.
     """
-    tag = evaluation_overrides(overrides or [])[1]
+    tag = evaluation_tag(overrides or [])
     suffix = f"_{tag}" if tag else ""
     return run_dir / f"episodes{suffix}.json", Path(out or run_dir / f"report{suffix}.json"), suffix
 

@@ -44,6 +44,23 @@ def test_batch_norm_rewrite_matches_pytorch_forward_backward_and_double_backward
     assert torch.autograd.gradgradcheck(_ours, (x, w, b))  # the closed form against finite differences
 
 
+def test_batch_norm_rewrite_when_only_the_parameter_gradients_are_used() -> None:
+    """The input's gradient is computed but nothing downstream uses it: the double backward gets no gradient for
+    it and takes its short branch, which must still give the right second derivative with respect to x."""
+    torch.manual_seed(2)
+    x = torch.randn(5, 3, 4, 4, dtype=torch.double, requires_grad=True)
+    w = torch.randn(3, dtype=torch.double, requires_grad=True)
+    b = torch.randn(3, dtype=torch.double, requires_grad=True)
+    up = torch.randn(5, 3, 4, 4, dtype=torch.double)
+    outs = []
+    for fn in (_reference, _ours):
+        _, gw, gb = torch.autograd.grad((fn(x, w, b) * up).pow(2).sum(), (x, w, b), create_graph=True)
+        outs.append(torch.autograd.grad(gw.pow(2).sum() + (gb * gw).sum(), (x, w)))
+    for a, c in zip(*outs, strict=True):
+        assert float(a.abs().max()) > 1e-3
+        torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
+
+
 def test_batch_norm_rewrite_with_an_input_that_needs_no_gradient() -> None:
     """First layer of a network: only the weight and bias need gradients, and the backward skips the input's."""
     torch.manual_seed(1)
@@ -68,8 +85,9 @@ def test_speed_up_gives_batch_norms_without_running_statistics_the_fast_class_on
     assert type(net[2]) is nn.BatchNorm2d  # running statistics: left alone (its forward mutates buffers)
     assert type(net[3]) is nn.BatchNorm3d  # no affine parameters: left alone
     assert list(speed_up(net).state_dict()) == keys and type(net[1]) is FastBatchNorm2d  # names kept; idempotent
-    with torch.no_grad():  # inference takes the plain path, with the same result
-        x = torch.randn(3, 4, 5, 5)
+    x = torch.randn(3, 4, 5, 5)
+    assert type(net[1](x).grad_fn).__name__ == "_BatchNormBatchStatsBackward"  # training: the rewritten op
+    with torch.no_grad():  # inference: nothing to differentiate, PyTorch's own layer, the same values
         assert torch.equal(net[1](x), F.batch_norm(x, None, None, net[1].weight, net[1].bias, True, 0.1, 1e-5))
 
 
