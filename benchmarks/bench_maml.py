@@ -13,7 +13,8 @@ tasks of the meta-batch in N threads of one intra-op thread each (`method.task_t
 intra-op threads, so both use the same cores.
 
 Memory: peak resident set size of the measuring process over warm-up and timed iterations, minus its RSS just
-before meta-training starts (imports, model and data loaded), i.e. what meta-training itself adds.
+before meta-training starts (imports, model and data loaded), i.e. what meta-training itself adds; also minor page
+faults per timed iteration (fresh pages the C allocator asked the kernel for).
 """
 
 from __future__ import annotations
@@ -117,12 +118,15 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         iteration()
     times = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.iterations):
         t = time.perf_counter()
         iteration()
         times.append(time.perf_counter() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"impl": impl, "median_s": statistics.median(times), "min_s": min(times), "times": times,
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    peak = usage.ru_maxrss / 1024
+    return {"minor_faults_per_iteration": (usage.ru_minflt - faults) / args.iterations,
+            "impl": impl, "median_s": statistics.median(times), "min_s": min(times), "times": times,
             "peak_rss_mb": peak, "rss_before_mb": before, "peak_added_mb": max(peak, peak_before) - before,
             "threads": torch.get_num_threads(), "steps": args.steps, "first_order": args.first_order,
             "channels_last": args.channels_last, "peer_channels_last": args.peer_channels_last,

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.layers import FastBatchNorm2d, _BatchNormBatchStats, speed_up
-from pipeline.methods.maml import adapt, call
+from pipeline.encoders import conv_encoder
+from pipeline.layers import FastBatchNorm2d, StemSequential, _BatchNormBatchStats, speed_up
+from pipeline.methods.maml import MAML, adapt, call
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -108,3 +109,93 @@ def test_second_order_maml_gradients_through_the_rewritten_batch_norm() -> None:
     for a, c in zip(*grads, strict=True):
         assert float(a.abs().sum()) > 0
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
+
+
+# --- the fused first block (1-channel conv, batch norm with batch statistics, max-pool) ---------------------------
+def _grayscale_net(conv: nn.Conv2d, pool: nn.MaxPool2d, features: int) -> nn.Sequential:
+    return nn.Sequential(conv, nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), pool,
+                         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(features, 3)).double()
+
+
+@pytest.mark.parametrize("block", ["conv4", "strided", "encoder"])
+def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`speed_up` runs a grayscale network's first block fused; outputs and second-order MAML gradients agree.
+
+    The images have a zero background, so many pool windows hold tied maxima (the fused block pools before it
+    normalises: ties must still go where PyTorch sends them). The second case covers stride, dilation, pool
+    padding and ceil mode; the third is the project's own `conv4_2d` (MONAI blocks: the conv and its norm in one
+    nested block, the pool in the next).
+    """
+    from pipeline import layers
+
+    torch.manual_seed(0)
+    if block == "conv4":
+        net = _grayscale_net(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), 4 * 2 * 2)
+    elif block == "strided":
+        net = _grayscale_net(nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2),
+                             nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), 4 * 1 * 1)
+    else:
+        net = nn.Sequential(conv_encoder(2, 1, [4, 4], norm="batch"), nn.Linear(4, 3)).double()
+    fast_net = speed_up(copy.deepcopy(net))
+    assert type(fast_net) is StemSequential and fast_net.stems == {0}
+    assert list(fast_net.state_dict()) == list(net.state_dict())
+    calls, real = [], layers.conv_bn_pool
+    monkeypatch.setattr(layers, "conv_bn_pool", lambda *a: (calls.append(1), real(*a))[1])
+
+    def images(n: int) -> torch.Tensor:
+        x = torch.zeros(n, 1, 8, 8, dtype=torch.double)
+        x[:, :, 2:6, 3:7] = torch.randn(n, 1, 4, 4, dtype=torch.double)  # a lesion on a zero background
+        return x
+
+    sx, qx = images(4), images(6)
+    sy, qy = torch.arange(4) % 3, torch.arange(6) % 3
+    torch.testing.assert_close(fast_net(qx), net(qx), rtol=1e-12, atol=1e-12)
+    assert calls
+    grads = []
+    for model in (net, fast_net):
+        params = dict(model.named_parameters())
+        fast = adapt(params, lambda p, m=model: F.cross_entropy(call(m, p, sx), sy), 3, 0.5)
+        grads.append(torch.autograd.grad(F.cross_entropy(call(model, fast, qx), qy), list(params.values())))
+    conv_biases = {f"{n}.bias" for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    for name, a, c in zip(dict(net.named_parameters()), *grads, strict=True):
+        if name not in conv_biases:  # batch norm removes a conv bias: zero gradient up to rounding
+            assert float(a.abs().max()) > 1e-4, name
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_first_block_falls_back_to_the_layers_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch-norm weight that is not positive breaks the pool-before-normalising step: the layers run one by one,
+    giving PyTorch's values exactly; inside `torch.func` transforms too. Other first blocks are not fused."""
+    from pipeline import layers
+
+    torch.manual_seed(1)
+    net = _grayscale_net(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), 4 * 2 * 2)
+    with torch.no_grad():
+        net[1].weight[2] = -0.5
+    fast_net = speed_up(copy.deepcopy(net))
+    monkeypatch.setattr(layers, "conv_bn_pool", lambda *a: pytest.fail("fused block used"))
+    x = torch.randn(5, 1, 8, 8, dtype=torch.double)
+    assert torch.equal(fast_net(x), net(x))
+    with torch.no_grad():
+        net[1].weight[2] = fast_net[1].weight[2] = 0.5  # now the fused form applies, but not under vmap
+    tasks = torch.randn(2, 5, 1, 8, 8, dtype=torch.double)
+    out = torch.func.vmap(fast_net)(tasks)  # inside a transform: the plain layers
+    for task, got in zip(tasks, out, strict=True):
+        torch.testing.assert_close(got, net(task), rtol=1e-12, atol=1e-12)
+    for first in (nn.Conv2d(2, 4, 3), nn.Conv2d(1, 4, 3, padding_mode="reflect", padding=1)):
+        other = speed_up(nn.Sequential(first, nn.BatchNorm2d(4, track_running_stats=False), nn.MaxPool2d(2)))
+        assert type(other) is nn.Sequential
+    running = speed_up(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.MaxPool2d(2)))
+    assert type(running) is nn.Sequential  # running statistics: batch norm is not a function of the batch alone
+    assert type(speed_up(conv_encoder(2, 1, [4, 4], norm="group"))) is nn.Sequential  # group norm: not fused
+
+
+def test_maml_stores_conv_weights_channels_last_after_a_fused_first_block() -> None:
+    """The fused block hands channels-last activations on; MAML then keeps its conv weights channels-last too."""
+    fused = MAML(conv_encoder(2, 1, [4, 4], norm="batch"), 2)
+    plain = MAML(conv_encoder(2, 1, [4, 4], norm="group"), 2)
+    assert type(fused.net) is StemSequential and fused.channels_last and not plain.channels_last
+    conv = fused.net[0][2].conv
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not MAML(conv_encoder(2, 1, [4, 4], norm="batch"), 2, channels_last=False).channels_last

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pipeline.layers import speed_up
+from pipeline.layers import StemSequential, speed_up
 from pipeline.methods.base import FewShotMethod, State, TaskOut
 
 Params = dict[str, Tensor]
@@ -185,8 +185,11 @@ class MAML(FewShotMethod):
         inner_steps, inner_lr: inner loop during meta-training.
         first_order: drop second-order terms (memory flat in `inner_steps`).
         eval_steps: inner steps at evaluation (default `inner_steps`).
-        channels_last: for 2D conv encoders, keep weights and images channels-last (NHWC). Same results (tested);
-            off by default: on our loaded 2-core CPU it measured no faster (0.98-1.14x the time, interleaved A/B).
+        channels_last: for 2D conv encoders, keep weights and images channels-last (NHWC). Same results (tested).
+            Default (None): on when `speed_up` fused the encoder's grayscale first block (`pipeline/layers.py`),
+            whose output is channels-last, so every later convolution would otherwise convert its weight at each
+            call (0.88x the meta-iteration time in an A/B on the Conv4 benchmark); off otherwise, where it measured
+            no faster (0.98-1.14x).
     """
 
     # Task losses mutate no shared state (functional inner loop, no running statistics): `threaded_task_grads` may
@@ -194,12 +197,15 @@ class MAML(FewShotMethod):
     parallel_tasks = True
 
     def __init__(self, encoder: nn.Module, max_ways: int, inner_steps: int = 5, inner_lr: float = 0.4,
-                 first_order: bool = False, eval_steps: int | None = None, channels_last: bool = False) -> None:
+                 first_order: bool = False, eval_steps: int | None = None,
+                 channels_last: bool | None = None) -> None:
         super().__init__()
         self.net = nn.Sequential(encoder, nn.Linear(encoder.out_dim, max_ways))
         speed_up(self.net)  # same function and gradients, less time and memory (pipeline/layers.py)
         self.inner_steps, self.inner_lr, self.first_order = inner_steps, inner_lr, first_order
         self.eval_steps = inner_steps if eval_steps is None else eval_steps
+        if channels_last is None:
+            channels_last = any(isinstance(m, StemSequential) for m in self.net.modules())
         self.channels_last = channels_last and any(isinstance(m, nn.Conv2d) for m in self.net.modules())
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)  # 4D conv weights only; the head is unchanged
