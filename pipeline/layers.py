@@ -11,9 +11,9 @@ suggest (measured with `torch.profiler`, `benchmarks/README.md`):
   indices (ties included) and gradients of every order are PyTorch's.
 * Batch norm's double backward is a chain of ~40 small ops (3.4 ms a call). `FastBatchNorm*` keeps PyTorch's
   forward and backward kernels and replaces only that double backward with a closed form of 11 passes.
-* A grayscale network's first block (1-channel conv, batch norm with batch statistics, max-pool) spends its time
-  moving a 64x wider activation than its input through memory, several times over. `conv_bn_pool` computes the
-  block with one full-resolution tensor instead of five (see its docstring).
+* A grayscale network's first block (1-channel conv, norm, max-pool) spends its time moving a 64x wider
+  activation than its input through memory, several times over. `conv_norm_pool` computes the block with one
+  full-resolution tensor instead of five (see its docstring).
 
 Nothing here changes a parameter's name or value (checkpoints load either way). The pool and batch-norm rewrites
 leave outputs and first-order gradients bitwise unchanged and second-order gradients through batch norm equal to
@@ -200,17 +200,23 @@ class FastBatchNorm3d(nn.BatchNorm3d):
 
 
 # --- the first block of a grayscale network, fused ----------------------------------------------------------------
-def conv_bn_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d) -> Tensor:
-    """`pool(bn(conv(x)))` for a 1-channel conv and a batch norm with batch statistics and positive weights.
+_Norm = nn.BatchNorm2d | nn.GroupNorm | nn.InstanceNorm2d
 
-    The same function, computed with one full-resolution tensor (the conv output) where PyTorch makes five (conv
-    output, normalised copy, layout copy, and their gradients), because:
+
+def conv_norm_pool(x: Tensor, conv: nn.Conv2d, norm: _Norm, pool: nn.MaxPool2d) -> Tensor:
+    """`pool(norm(conv(x)))` for a 1-channel conv, a norm with positive weights and a max-pool, fused.
+
+    `norm` is a batch norm with batch statistics, a group norm, or an instance norm without running statistics,
+    each with affine parameters. The same function, computed with one full-resolution tensor (the conv output)
+    where PyTorch makes five (conv output, normalised copy, layout copy, and their gradients), because:
 
     * with one input channel the conv is a `(H*W, kh*kw) @ (kh*kw, C)` product per image, written channels-last so
       the fast max-pool kernel reads it in place (oneDNN runs this shape at a few GFLOP/s);
-    * the batch mean and variance of `y = W cols + b` follow from the `kh*kw` mean and covariance of the unfolded
-      input: `mean_c = w_c . mu + b_c`, `var_c = w_c' S w_c`, without a pass over `y`;
-    * with a positive scale `weight_c / std_c` the normalisation is increasing in `y`, so it commutes with
+    * the mean and variance of `y = W cols + b` over any set of images, channels and pixels follow from each
+      image's `kh*kw` mean and covariance of its unfolded pixels: per image and channel `m_nc = w_c . mu_n + b_c`
+      and `v_nc = w_c' S_n w_c`, then the law of total variance over the images (batch norm) or the channels of a
+      group (group norm), without a pass over `y`;
+    * with a positive scale `weight_c / std` the normalisation is increasing in `y`, so it commutes with
       max-pooling and runs on the pooled tensor (1/4 of the size for a 2x2 pool).
 
     Gradients of every order are autograd's through these ops. Ties inside a pool window go to the first maximum,
@@ -220,49 +226,66 @@ def conv_bn_pool(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPoo
         x: images `(N, 1, H, W)`.
 
     Returns:
-        `(N, C, H', W')` in channels-last memory layout (values as `pool(bn(conv(x)))`; later convolutions and
+        `(N, C, H', W')` in channels-last memory layout (values as `pool(norm(conv(x)))`; later convolutions and
         pools take that layout as it is).
     """
-    n = x.shape[0]
+    n, c = x.shape[0], conv.out_channels
     (kh, kw), (ph, pw), (sh, sw), (dh, dw) = conv.kernel_size, conv.padding, conv.stride, conv.dilation
     h = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (N, kh*kw, h*w)
-    weight = conv.weight.reshape(conv.out_channels, -1)  # (C, kh*kw)
-    y = torch.bmm(cols.transpose(1, 2), weight.T.expand(n, -1, -1)).view(n, h, w, -1).permute(0, 3, 1, 2)
-    flat = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (kh*kw, N*h*w)
-    mu = flat.mean(1)
-    centred = flat - mu[:, None]
-    var = ((weight @ (centred @ centred.T / flat.shape[1])) * weight).sum(1)
-    # the conv bias is added after pooling (a quarter of the work); batch norm removes it again, so its gradient
-    # is zero up to rounding, exactly as in PyTorch's unfused layers
-    pooled, mean = pool(y), weight @ mu
+    weight = conv.weight.reshape(c, -1)  # (C, kh*kw)
+    y = torch.bmm(cols.transpose(1, 2), weight.T.expand(n, -1, -1)).view(n, h, w, c).permute(0, 3, 1, 2)
+    mu = cols.mean(2)  # (N, kh*kw)
+    centred = cols - mu[:, :, None]
+    cov = centred @ centred.transpose(1, 2) / cols.shape[2]  # (N, kh*kw, kh*kw)
+    means = mu @ weight.T  # (N, C): each image's channel means
     if conv.bias is not None:
-        pooled, mean = pooled + conv.bias.view(1, -1, 1, 1), mean + conv.bias
-    scale = bn.weight * torch.rsqrt(var + bn.eps)
-    return torch.addcmul((bn.bias - mean * scale).view(1, -1, 1, 1), pooled, scale.view(1, -1, 1, 1))
+        means = means + conv.bias
+    variances = ((cov @ weight.T) * weight.T).sum(1)  # (N, C): each image's channel variances
+    if isinstance(norm, nn.GroupNorm):  # statistics per image over the channels of each group
+        groups = (n, norm.num_groups, c // norm.num_groups)
+        m, v = means.view(groups), variances.view(groups)
+        mean = m.mean(2, keepdim=True)
+        var = (v.mean(2, keepdim=True) + (m - mean).pow(2).mean(2, keepdim=True)).expand(groups).reshape(n, c)
+        mean = mean.expand(groups).reshape(n, c)
+    elif isinstance(norm, nn.InstanceNorm2d):  # per image and channel
+        mean, var = means, variances
+    else:  # batch norm: per channel over the images
+        mean = means.mean(0, keepdim=True)
+        var = variances.mean(0, keepdim=True) + (means - mean).pow(2).mean(0, keepdim=True)
+    # the conv bias is added after pooling, on a quarter of the pixels (batch and instance norm remove it again:
+    # its gradient is then zero up to rounding, as in PyTorch's unfused layers)
+    pooled = pool(y) if conv.bias is None else pool(y) + conv.bias.view(1, -1, 1, 1)
+    scale = norm.weight * torch.rsqrt(var + norm.eps)  # (1 or N, C)
+    return torch.addcmul((norm.bias - mean * scale)[:, :, None, None], pooled, scale[:, :, None, None])
 
 
-def _is_stem(conv: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
+def _fusable_norm(m: nn.Module) -> bool:
+    if isinstance(m, nn.GroupNorm):
+        return m.affine
+    return isinstance(m, nn.BatchNorm2d | nn.InstanceNorm2d) and m.affine and m.running_mean is None
+
+
+def _is_stem(conv: nn.Module, norm: nn.Module, pool: nn.Module) -> bool:
     return type(conv) is nn.Conv2d and conv.in_channels == 1 and conv.groups == 1 \
-        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) \
-        and isinstance(bn, nn.BatchNorm2d) and bn.affine and bn.running_mean is None \
+        and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple) and _fusable_norm(norm) \
         and isinstance(pool, FastMaxPool) and isinstance(pool.pool, nn.MaxPool2d)
 
 
-def _stem_applies(x: Tensor, bn: nn.BatchNorm2d) -> bool:
+def _stem_applies(x: Tensor, norm: _Norm) -> bool:
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return x.device.type == "cpu" and x.ndim == 4 and x.is_floating_point() and not wrapped(x) \
-        and not wrapped(bn.weight) and bool((bn.weight > 0).all())  # else the layers one by one
+        and not wrapped(norm.weight) and bool((norm.weight > 0).all())  # else the layers one by one
 
 
 class StemSequential(nn.Sequential):
-    """An `nn.Sequential` that runs each (1-channel conv, batch norm, max-pool) run of its layers by `conv_bn_pool`.
+    """An `nn.Sequential` that runs each (1-channel conv, norm, max-pool) run of its layers by `conv_norm_pool`.
 
     `plan` is the layers it runs, in order, read through nested plain `nn.Sequential`s (MONAI's `Convolution` and
     `ADN` are such), so a conv and its norm inside one block and the pool in the next still form a run; `stems`
     are the plan positions where one starts. Where the fused form does not apply to a call (a CUDA tensor, a
-    `torch.func` transform, a batch-norm weight that is not positive) the layers run one by one. Layers, names and
+    `torch.func` transform, a norm weight that is not positive) the layers run one by one. Layers, names and
     parameters stay the `nn.Sequential`'s own.
     """
 
@@ -273,7 +296,7 @@ class StemSequential(nn.Sequential):
         plan, i = self.plan, 0
         while i < len(plan):
             if i in self.stems and _stem_applies(x, plan[i + 1]):
-                x, i = conv_bn_pool(x, plan[i], plan[i + 1], plan[i + 2].pool), i + 3
+                x, i = conv_norm_pool(x, plan[i], plan[i + 1], plan[i + 2].pool), i + 3
             else:
                 x, i = plan[i](x), i + 1
         return x
@@ -291,8 +314,8 @@ def _layers_run(seq: nn.Sequential) -> list[nn.Module]:
 
 
 def fuse_stems(module: nn.Module) -> int:
-    """Make each outermost plain `nn.Sequential` that runs a (1-channel conv, batch norm, `FastMaxPool`) sequence
-    of layers a `StemSequential`. Returns the number of such runs found."""
+    """Make each outermost plain `nn.Sequential` that runs a (1-channel conv, norm, `FastMaxPool`) sequence of
+    layers a `StemSequential` (norms: see `conv_norm_pool`). Returns the number of such runs found."""
     if _plain_sequential(module):
         plan = _layers_run(module)
         stems = frozenset(i for i in range(len(plan) - 2) if _is_stem(*plan[i:i + 3]))

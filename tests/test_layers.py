@@ -118,14 +118,14 @@ def _grayscale_net(conv: nn.Conv2d, pool: nn.MaxPool2d, features: int) -> nn.Seq
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(features, 3)).double()
 
 
-@pytest.mark.parametrize("block", ["conv4", "strided", "encoder"])
+@pytest.mark.parametrize("block", ["conv4", "strided", "encoder", "group", "instance"])
 def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """`speed_up` runs a grayscale network's first block fused; outputs and second-order MAML gradients agree.
 
     The images have a zero background, so many pool windows hold tied maxima (the fused block pools before it
     normalises: ties must still go where PyTorch sends them). The second case covers stride, dilation, pool
-    padding and ceil mode; the third is the project's own `conv4_2d` (MONAI blocks: the conv and its norm in one
-    nested block, the pool in the next).
+    padding and ceil mode; the others are the project's own `conv4_2d` (MONAI blocks: the conv and its norm in one
+    nested block, the pool in the next) with each normalisation policy.
     """
     from pipeline import layers
 
@@ -136,12 +136,13 @@ def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeyp
         net = _grayscale_net(nn.Conv2d(1, 4, 3, stride=2, padding=2, dilation=2),
                              nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), 4 * 1 * 1)
     else:
-        net = nn.Sequential(conv_encoder(2, 1, [4, 4], norm="batch"), nn.Linear(4, 3)).double()
+        norm = {"encoder": "batch", "group": "group", "instance": "instance"}[block]
+        net = nn.Sequential(conv_encoder(2, 1, [4, 4], norm_groups=2, norm=norm), nn.Linear(4, 3)).double()
     fast_net = speed_up(copy.deepcopy(net))
     assert type(fast_net) is StemSequential and fast_net.stems == {0}
     assert list(fast_net.state_dict()) == list(net.state_dict())
-    calls, real = [], layers.conv_bn_pool
-    monkeypatch.setattr(layers, "conv_bn_pool", lambda *a: (calls.append(1), real(*a))[1])
+    calls, real = [], layers.conv_norm_pool
+    monkeypatch.setattr(layers, "conv_norm_pool", lambda *a: (calls.append(1), real(*a))[1])
 
     def images(n: int) -> torch.Tensor:
         x = torch.zeros(n, 1, 8, 8, dtype=torch.double)
@@ -159,7 +160,7 @@ def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeyp
         grads.append(torch.autograd.grad(F.cross_entropy(call(model, fast, qx), qy), list(params.values())))
     conv_biases = {f"{n}.bias" for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
     for name, a, c in zip(dict(net.named_parameters()), *grads, strict=True):
-        if name not in conv_biases:  # batch norm removes a conv bias: zero gradient up to rounding
+        if name not in conv_biases:  # a norm removes a conv bias: zero gradient up to rounding
             assert float(a.abs().max()) > 1e-4, name
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
 
@@ -174,7 +175,7 @@ def test_fused_first_block_falls_back_to_the_layers_where_it_does_not_apply(monk
     with torch.no_grad():
         net[1].weight[2] = -0.5
     fast_net = speed_up(copy.deepcopy(net))
-    monkeypatch.setattr(layers, "conv_bn_pool", lambda *a: pytest.fail("fused block used"))
+    monkeypatch.setattr(layers, "conv_norm_pool", lambda *a: pytest.fail("fused block used"))
     x = torch.randn(5, 1, 8, 8, dtype=torch.double)
     assert torch.equal(fast_net(x), net(x))
     with torch.no_grad():
@@ -188,13 +189,13 @@ def test_fused_first_block_falls_back_to_the_layers_where_it_does_not_apply(monk
         assert type(other) is nn.Sequential
     running = speed_up(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.MaxPool2d(2)))
     assert type(running) is nn.Sequential  # running statistics: batch norm is not a function of the batch alone
-    assert type(speed_up(conv_encoder(2, 1, [4, 4], norm="group"))) is nn.Sequential  # group norm: not fused
+    assert type(speed_up(conv_encoder(2, 3, [4, 4], norm="group"))) is nn.Sequential  # 3 input channels
 
 
 def test_maml_stores_conv_weights_channels_last_after_a_fused_first_block() -> None:
     """The fused block hands channels-last activations on; MAML then keeps its conv weights channels-last too."""
     fused = MAML(conv_encoder(2, 1, [4, 4], norm="batch"), 2)
-    plain = MAML(conv_encoder(2, 1, [4, 4], norm="group"), 2)
+    plain = MAML(conv_encoder(2, 3, [4, 4], norm="batch"), 2)
     assert type(fused.net) is StemSequential and fused.channels_last and not plain.channels_last
     conv = fused.net[0][2].conv
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -176,10 +176,11 @@ def test_speed_up_keeps_outputs_and_second_order_gradients_bitwise(dims: int) ->
 
     conv, pool = (nn.Conv3d, nn.MaxPool3d) if dims == 3 else (nn.Conv2d, nn.MaxPool2d)
     torch.manual_seed(0)
-    net = nn.Sequential(conv(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), pool(2),
+    # two input channels: a 1-channel first block would be fused (equal to rounding only; tests/test_layers.py)
+    net = nn.Sequential(conv(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), pool(2),
                         conv(4, 4, 3, padding=1), nn.ReLU(), pool(3, stride=2, padding=1, ceil_mode=True),
                         nn.Flatten(), nn.LazyLinear(2))
-    x = torch.randn(6, 1, *[9] * dims)
+    x = torch.randn(6, 2, *[9] * dims)
     net(x)  # materialise the lazy head
     fast_net = speed_up(copy.deepcopy(net))
     assert isinstance(fast_net[2], FastMaxPool) and isinstance(fast_net[3], nn.ReLU)

@@ -119,6 +119,9 @@ def vmap_task_losses(task_loss: Callable[..., Tensor | tuple[Tensor, ...]], para
     with `adapt_functional` (not `adapt`). Params
     are shared across tasks (not batched); the outer backward through the result gives meta-gradients.
     """
+    # vmap cannot query channels-last strides (torch 2.13): standard strides, also where `.contiguous()` keeps a
+    # 1-channel weight's channels-last ones (with one channel both layouts count as contiguous)
+    params = {k: v.clone(memory_format=torch.contiguous_format) for k, v in params.items()}
     return torch.func.vmap(task_loss, in_dims=(None, *([0] * len(task_batches))))(params, *task_batches)
 
 
@@ -256,8 +259,7 @@ class MAML(FewShotMethod):
             logits = self.logits(fast, qx, n_way, layout=False)
             return F.cross_entropy(logits, qy), logits
 
-        # vmap cannot query channels-last strides yet (torch 2.13): plain layout copies of params and inputs
-        params = {k: v.contiguous() for k, v in self.params().items()}
+        # vmap cannot query channels-last strides yet (torch 2.13): plain layout copies of step sizes and inputs
         if isinstance(lr, Mapping):
             lr = {k: v.contiguous() for k, v in lr.items()}
-        return vmap_task_losses(one, params, support_x.contiguous(), support_y, query_x.contiguous(), query_y)
+        return vmap_task_losses(one, self.params(), support_x.contiguous(), support_y, query_x.contiguous(), query_y)
