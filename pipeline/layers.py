@@ -12,8 +12,8 @@ suggest (measured with `torch.profiler`, `benchmarks/README.md`):
 * Batch norm's double backward is a chain of ~40 small ops (3.4 ms a call). `FastBatchNorm*` keeps PyTorch's
   forward and backward kernels and replaces only that double backward with a closed form of 11 passes.
 * A grayscale network's first block (1-channel conv, norm, max-pool) spends its time moving a 64x wider
-  activation than its input through memory, several times over. `conv_norm_pool` computes the block with one
-  full-resolution tensor instead of five (see its docstring).
+  activation than its input through memory, several times over. `conv_norm_pool` computes the block without
+  ever holding that activation whole (PyTorch's layers make five such tensors; see its docstring).
 
 Nothing here changes a parameter's name or value (checkpoints load either way). The pool and batch-norm rewrites
 leave outputs and first-order gradients bitwise unchanged and second-order gradients through batch norm equal to
@@ -169,7 +169,11 @@ class _BatchNormBatchStats(Function):
     @staticmethod
     def backward(ctx: FunctionCtx, g: Tensor) -> tuple[Tensor | None, Tensor, Tensor, None]:
         x, w, mean, invstd = ctx.saved_tensors
-        gx, gw, gb = _BatchNormBackward.apply(g, x, w, mean, invstd, ctx.eps, ctx.needs_input_grad[0])
+        if not torch.is_grad_enabled():  # a backward that builds no graph (no create_graph): the kernel itself
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(g, x, w, None, None, mean, invstd, True, ctx.eps,
+                                                                   [ctx.needs_input_grad[0], True, True])
+        else:
+            gx, gw, gb = _BatchNormBackward.apply(g, x, w, mean, invstd, ctx.eps, ctx.needs_input_grad[0])
         return gx, gw, gb, None
 
 
@@ -207,11 +211,12 @@ def conv_norm_pool(x: Tensor, conv: nn.Conv2d, norm: _Norm, pool: nn.MaxPool2d) 
     """`pool(norm(conv(x)))` for a 1-channel conv, a norm with positive weights and a max-pool, fused.
 
     `norm` is a batch norm with batch statistics, a group norm, or an instance norm without running statistics,
-    each with affine parameters. The same function, computed with one full-resolution tensor (the conv output)
+    each with affine parameters. The same function, computed without a full-resolution tensor of the whole batch
     where PyTorch makes five (conv output, normalised copy, layout copy, and their gradients), because:
 
     * with one input channel the conv is a `(H*W, kh*kw) @ (kh*kw, C)` product per image, written channels-last so
-      the fast max-pool kernel reads it in place (oneDNN runs this shape at a few GFLOP/s);
+      the fast max-pool kernel reads it in place (oneDNN runs this shape at a few GFLOP/s), and `_ConvPool` makes
+      and pools it about 1 MB of images at a time, so only pooled values and indices outlive a chunk;
     * the mean and variance of `y = W cols + b` over any set of images, channels and pixels follow from each
       image's `kh*kw` mean and covariance of its unfolded pixels: per image and channel `m_nc = w_c . mu_n + b_c`
       and `v_nc = w_c' S_n w_c`, then the law of total variance over the images (batch norm) or the channels of a
@@ -235,7 +240,6 @@ def conv_norm_pool(x: Tensor, conv: nn.Conv2d, norm: _Norm, pool: nn.MaxPool2d) 
     w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (N, kh*kw, h*w)
     weight = conv.weight.reshape(c, -1)  # (C, kh*kw)
-    y = torch.bmm(cols.transpose(1, 2), weight.T.expand(n, -1, -1)).view(n, h, w, c).permute(0, 3, 1, 2)
     mu = cols.mean(2)  # (N, kh*kw)
     centred = cols - mu[:, :, None]
     cov = centred @ centred.transpose(1, 2) / cols.shape[2]  # (N, kh*kw, kh*kw)
@@ -256,9 +260,62 @@ def conv_norm_pool(x: Tensor, conv: nn.Conv2d, norm: _Norm, pool: nn.MaxPool2d) 
         var = variances.mean(0, keepdim=True) + (means - mean).pow(2).mean(0, keepdim=True)
     # the conv bias is added after pooling, on a quarter of the pixels (batch and instance norm remove it again:
     # its gradient is then zero up to rounding, as in PyTorch's unfused layers)
-    pooled = pool(y) if conv.bias is None else pool(y) + conv.bias.view(1, -1, 1, 1)
+    pooled = _ConvPool.apply(cols, weight, (h, w), pool)
+    if conv.bias is not None:
+        pooled = pooled + conv.bias.view(1, -1, 1, 1)
     scale = norm.weight * torch.rsqrt(var + norm.eps)  # (1 or N, C)
     return torch.addcmul((norm.bias - mean * scale)[:, :, None, None], pooled, scale[:, :, None, None])
+
+
+_CHUNK_BYTES = 1 << 20  # conv output per chunk: fits in L2 and in glibc's reused heap (no fresh pages per call)
+
+
+class _ConvPool(Function):
+    """`max_pool(y)` for the 1-channel conv `y_n = cols_n^T W^T`, a few images at a time.
+
+    The full-resolution conv output (64x the input) never exists whole: each chunk's is pooled while it is still
+    in cache, and only the pooled values and their indices are kept (PyTorch's max-pool would also keep `y` for its
+    backward). The backward routes the pooled gradient back chunk by chunk and contracts it with `cols` at once.
+    Both passes are made of differentiable ops, so second-order gradients are autograd's through them.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, cols: Tensor, weight: Tensor, hw: tuple[int, int], pool: nn.MaxPool2d) -> Tensor:
+        n, c = cols.shape[0], weight.shape[0]
+        step = max(1, _CHUNK_BYTES // (cols.shape[2] * c * cols.element_size()))
+        outs, idxs = [], []
+        for s in range(0, n, step):
+            part = cols[s:s + step]
+            y = torch.bmm(part.transpose(1, 2), weight.T.expand(part.shape[0], -1, -1))  # (n', h*w, C)
+            y = y.view(-1, *hw, c).permute(0, 3, 1, 2)  # channels-last (n', C, h, w): the fast pool kernel
+            out, idx = F.max_pool2d(y, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
+                                    return_indices=True)
+            outs.append(out)
+            idxs.append(idx)
+        ctx.save_for_backward(cols, weight, *idxs)
+        ctx.hw, ctx.pool, ctx.step = hw, pool, step
+        return torch.cat(outs).contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        cols, weight, *idxs = ctx.saved_tensors
+        p, (h, w), c = ctx.pool, ctx.hw, weight.shape[0]
+        args = (_tuple(p.kernel_size, 2), _tuple(p.stride or p.kernel_size, 2), _tuple(p.padding, 2),
+                _tuple(p.dilation, 2), p.ceil_mode)
+        g_cols, g_w = [], None
+        for s, idx in zip(range(0, cols.shape[0], ctx.step), idxs, strict=True):
+            part = cols[s:s + ctx.step]
+            # the kernel reads this input for its sizes and layout only: an uninitialised tensor, never read
+            like = torch.empty((part.shape[0], c, h, w), dtype=grad.dtype, device=grad.device,
+                               memory_format=torch.channels_last)
+            gy = torch.ops.aten.max_pool2d_with_indices_backward(grad[s:s + ctx.step], like, *args, idx)
+            gy = gy.permute(0, 2, 3, 1).reshape(part.shape[0], h * w, c)  # a view of the channels-last gradient
+            if ctx.needs_input_grad[1]:
+                gw = torch.bmm(part, gy).sum(0)  # (kh*kw, C)
+                g_w = gw if g_w is None else g_w + gw
+            if ctx.needs_input_grad[0]:
+                g_cols.append(torch.bmm(gy, weight.expand(part.shape[0], -1, -1)).transpose(1, 2))
+        return (torch.cat(g_cols) if g_cols else None), (None if g_w is None else g_w.T), None, None
 
 
 def _fusable_norm(m: nn.Module) -> bool:

@@ -165,6 +165,37 @@ def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeyp
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
 
 
+def test_fused_first_block_in_chunks_keeps_no_full_resolution_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With chunks of one image the fused block still matches the layers (values, gradients for the input too, and
+    second-order MAML gradients), and what autograd keeps for the backward holds no tensor of the conv output's
+    full resolution (64x the input: the memory the chunking saves)."""
+    from pipeline import layers
+
+    monkeypatch.setattr(layers, "_CHUNK_BYTES", 1)  # every image its own chunk
+    torch.manual_seed(3)
+    net = _grayscale_net(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), 4 * 2 * 2)
+    fast_net = speed_up(copy.deepcopy(net))
+    x = torch.randn(5, 1, 8, 8, dtype=torch.double, requires_grad=True)
+    saved: list[int] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: (saved.append(t.numel()), t)[1], lambda t: t):
+        out = fast_net(x)
+    torch.testing.assert_close(out, net(x), rtol=1e-12, atol=1e-12)
+    assert saved and 5 * 4 * 8 * 8 not in saved  # no tensor of the conv output's (N, C, H, W) size is kept
+    up = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *fast_net.parameters()], up)
+    want = torch.autograd.grad(net(x), [x, *net.parameters()], up)
+    for a, c in zip(want, got, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
+    sx, qx, sy, qy = x.detach()[:3], x.detach()[3:], torch.arange(3), torch.arange(2)
+    grads = []
+    for model in (net, fast_net):
+        params = dict(model.named_parameters())
+        fast = adapt(params, lambda p, m=model: F.cross_entropy(call(m, p, sx), sy), 2, 0.5)
+        grads.append(torch.autograd.grad(F.cross_entropy(call(model, fast, qx), qy), list(params.values())))
+    for a, c in zip(*grads, strict=True):
+        torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
+
+
 def test_fused_first_block_falls_back_to_the_layers_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch-norm weight that is not positive breaks the pool-before-normalising step: the layers run one by one,
     giving PyTorch's values exactly; inside `torch.func` transforms too. Other first blocks are not fused."""
