@@ -75,12 +75,14 @@ def adapt(params: Mapping[str, Tensor], loss_fn: LossFn, steps: int, lr: StepSiz
     for _ in range(steps):
         loss = loss_fn(fast)
         grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph, allow_unused=True)
-        for name, g in zip(names, grads, strict=True):
-            if g is None:  # parameter not used by this loss (e.g. unused head columns)
-                continue
-            if not create_graph:
-                g = g.detach()
-            fast[name] = fast[name] - _step_size(lr, name) * g
+        used = [(n, g if create_graph else g.detach()) for n, g in zip(names, grads, strict=True)
+                if g is not None]  # None: a parameter this loss does not use (e.g. unused head columns)
+        if isinstance(lr, float | int):
+            # one fused op (and one autograd node) for every parameter, instead of a multiply and a subtract each
+            stepped = torch._foreach_add([fast[n] for n, _ in used], [g for _, g in used], alpha=-lr)
+        else:
+            stepped = [fast[n] - _step_size(lr, n) * g for n, g in used]
+        fast.update(zip([n for n, _ in used], stepped, strict=True))
     return fast
 
 
