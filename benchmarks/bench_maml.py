@@ -117,16 +117,18 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for _ in range(args.warmup):
         iteration()
-    times = []
+    times, cpu = [], []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(args.iterations):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         iteration()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     peak = usage.ru_maxrss / 1024
     return {"minor_faults_per_iteration": (usage.ru_minflt - faults) / args.iterations,
-            "impl": impl, "median_s": statistics.median(times), "min_s": min(times), "times": times,
+            "impl": impl, "median_s": statistics.median(times),
+            "cpu_median_s": statistics.median(cpu), "min_s": min(times), "times": times,
             "peak_rss_mb": peak, "rss_before_mb": before, "peak_added_mb": max(peak, peak_before) - before,
             "threads": torch.get_num_threads(), "steps": args.steps, "first_order": args.first_order,
             "channels_last": args.channels_last, "peer_channels_last": args.peer_channels_last,
