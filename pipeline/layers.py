@@ -217,10 +217,10 @@ def conv_norm_pool(x: Tensor, conv: nn.Conv2d, norm: _Norm, pool: nn.MaxPool2d) 
     * with one input channel the conv is a `(H*W, kh*kw) @ (kh*kw, C)` product per image, written channels-last so
       the fast max-pool kernel reads it in place (oneDNN runs this shape at a few GFLOP/s), and `_ConvPool` makes
       and pools it about 1 MB of images at a time, so only pooled values and indices outlive a chunk;
-    * the mean and variance of `y = W cols + b` over any set of images, channels and pixels follow from each
-      image's `kh*kw` mean and covariance of its unfolded pixels: per image and channel `m_nc = w_c . mu_n + b_c`
-      and `v_nc = w_c' S_n w_c`, then the law of total variance over the images (batch norm) or the channels of a
-      group (group norm), without a pass over `y`;
+    * the mean and variance of `y = W cols + b` over any set of pixels follow from the `kh*kw` mean and covariance
+      of those pixels' patches, without a pass over `y`: `m_c = w_c . mu + b_c` and `v_c = w_c' S w_c`, over the
+      whole batch for batch norm, per image for instance norm, and per image then by the law of total variance
+      over the channels of a group for group norm;
     * with a positive scale `weight_c / std` the normalisation is increasing in `y`, so it commutes with
       max-pooling and runs on the pooled tensor (1/4 of the size for a 2x2 pool).
 
@@ -240,29 +240,31 @@ def conv_norm_pool(x: Tensor, conv: nn.Conv2d, norm: _Norm, pool: nn.MaxPool2d) 
     w = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (N, kh*kw, h*w)
     weight = conv.weight.reshape(c, -1)  # (C, kh*kw)
-    mu = cols.mean(2)  # (N, kh*kw)
-    centred = cols - mu[:, :, None]
-    cov = centred @ centred.transpose(1, 2) / cols.shape[2]  # (N, kh*kw, kh*kw)
-    means = mu @ weight.T  # (N, C): each image's channel means
-    if conv.bias is not None:
-        means = means + conv.bias
-    variances = ((cov @ weight.T) * weight.T).sum(1)  # (N, C): each image's channel variances
-    if isinstance(norm, nn.GroupNorm):  # statistics per image over the channels of each group
-        groups = (n, norm.num_groups, c // norm.num_groups)
-        m, v = means.view(groups), variances.view(groups)
-        mean = m.mean(2, keepdim=True)
-        var = (v.mean(2, keepdim=True) + (m - mean).pow(2).mean(2, keepdim=True)).expand(groups).reshape(n, c)
-        mean = mean.expand(groups).reshape(n, c)
-    elif isinstance(norm, nn.InstanceNorm2d):  # per image and channel
-        mean, var = means, variances
-    else:  # batch norm: per channel over the images
-        mean = means.mean(0, keepdim=True)
-        var = variances.mean(0, keepdim=True) + (means - mean).pow(2).mean(0, keepdim=True)
-    # the conv bias is added after pooling, on a quarter of the pixels (batch and instance norm remove it again:
-    # its gradient is then zero up to rounding, as in PyTorch's unfused layers)
-    pooled = _ConvPool.apply(cols, weight, (h, w), pool)
-    if conv.bias is not None:
-        pooled = pooled + conv.bias.view(1, -1, 1, 1)
+    if isinstance(norm, nn.GroupNorm | nn.InstanceNorm2d):  # statistics per image: each image's patch moments
+        mu = cols.mean(2)  # (N, kh*kw)
+        centred = cols - mu[:, :, None]
+        cov = centred @ centred.transpose(1, 2) / cols.shape[2]  # (N, kh*kw, kh*kw)
+        means = mu @ weight.T  # (N, C): each image's channel means
+        if conv.bias is not None:
+            means = means + conv.bias
+        variances = ((cov @ weight.T) * weight.T).sum(1)  # (N, C): each image's channel variances
+        if isinstance(norm, nn.GroupNorm):  # over the channels of each group
+            groups = (n, norm.num_groups, c // norm.num_groups)
+            m, v = means.view(groups), variances.view(groups)
+            mean = m.mean(2, keepdim=True)
+            var = (v.mean(2, keepdim=True) + (m - mean).pow(2).mean(2, keepdim=True)).expand(groups).reshape(n, c)
+            mean = mean.expand(groups).reshape(n, c)
+        else:  # instance norm: per image and channel
+            mean, var = means, variances
+    else:  # batch norm: per channel over every patch of the batch, from their mean and covariance
+        mu = cols.mean((0, 2))  # (kh*kw,)
+        centred = cols - mu[None, :, None]
+        cov = (centred @ centred.transpose(1, 2)).sum(0) / (n * cols.shape[2])  # (kh*kw, kh*kw)
+        mean = (weight @ mu)[None]  # (1, C)
+        if conv.bias is not None:
+            mean = mean + conv.bias
+        var = ((weight @ cov) * weight).sum(1, keepdim=True).T  # (1, C)
+    pooled = _ConvPool.apply(cols, weight, conv.bias, (h, w), pool)  # the conv bias inside its product
     scale = norm.weight * torch.rsqrt(var + norm.eps)  # (1 or N, C)
     return torch.addcmul((norm.bias - mean * scale)[:, :, None, None], pooled, scale[:, :, None, None])
 
@@ -271,7 +273,7 @@ _CHUNK_BYTES = 1 << 20  # conv output per chunk: fits in L2 and in glibc's reuse
 
 
 class _ConvPool(Function):
-    """`max_pool(y)` for the 1-channel conv `y_n = cols_n^T W^T`, a few images at a time.
+    """`max_pool(y)` for the 1-channel conv `y_n = cols_n^T W^T (+ b)`, a few images at a time.
 
     The full-resolution conv output (64x the input) never exists whole: each chunk's is pooled while it is still
     in cache, and only the pooled values and their indices are kept (PyTorch's max-pool would also keep `y` for its
@@ -280,14 +282,16 @@ class _ConvPool(Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, cols: Tensor, weight: Tensor, hw: tuple[int, int], pool: nn.MaxPool2d) -> Tensor:
+    def forward(ctx: FunctionCtx, cols: Tensor, weight: Tensor, bias: Tensor | None, hw: tuple[int, int],
+                pool: nn.MaxPool2d) -> Tensor:
         n, c = cols.shape[0], weight.shape[0]
         step = max(1, _CHUNK_BYTES // (cols.shape[2] * c * cols.element_size()))
         outs, idxs = [], []
         for s in range(0, n, step):
             part = cols[s:s + step]
-            y = torch.bmm(part.transpose(1, 2), weight.T.expand(part.shape[0], -1, -1))  # (n', h*w, C)
-            y = y.view(-1, *hw, c).permute(0, 3, 1, 2)  # channels-last (n', C, h, w): the fast pool kernel
+            wt = weight.T.expand(part.shape[0], -1, -1)
+            y = torch.bmm(part.transpose(1, 2), wt) if bias is None else torch.baddbmm(bias, part.transpose(1, 2), wt)
+            y = y.view(-1, *hw, c).permute(0, 3, 1, 2)  # (n', h*w, C) as channels-last (n', C, h, w): fast pool
             out, idx = F.max_pool2d(y, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
                                     return_indices=True)
             outs.append(out)
@@ -297,7 +301,7 @@ class _ConvPool(Function):
         return torch.cat(outs).contiguous(memory_format=torch.channels_last)
 
     @staticmethod
-    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         cols, weight, *idxs = ctx.saved_tensors
         p, (h, w), c = ctx.pool, ctx.hw, weight.shape[0]
         args = (_tuple(p.kernel_size, 2), _tuple(p.stride or p.kernel_size, 2), _tuple(p.padding, 2),
@@ -315,7 +319,8 @@ class _ConvPool(Function):
                 g_w = gw if g_w is None else g_w + gw
             if ctx.needs_input_grad[0]:
                 g_cols.append(torch.bmm(gy, weight.expand(part.shape[0], -1, -1)).transpose(1, 2))
-        return (torch.cat(g_cols) if g_cols else None), (None if g_w is None else g_w.T), None, None
+        g_b = grad.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None  # max-pooling passes a bias through
+        return (torch.cat(g_cols) if g_cols else None), (None if g_w is None else g_w.T), g_b, None, None
 
 
 def _fusable_norm(m: nn.Module) -> bool:
