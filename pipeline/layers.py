@@ -264,7 +264,7 @@ def conv_norm_pool(x: Tensor, conv: nn.Conv2d, norm: _Norm, pool: nn.MaxPool2d) 
         if conv.bias is not None:
             mean = mean + conv.bias
         var = ((weight @ cov) * weight).sum(1, keepdim=True).T  # (1, C)
-    pooled = _ConvPool.apply(cols, weight, conv.bias, (h, w), pool)  # the conv bias inside its product
+    pooled = _ConvPool.apply(cols, weight, conv.bias, (h, w), pool)
     scale = norm.weight * torch.rsqrt(var + norm.eps)  # (1 or N, C)
     return torch.addcmul((norm.bias - mean * scale)[:, :, None, None], pooled, scale[:, :, None, None])
 
@@ -289,11 +289,12 @@ class _ConvPool(Function):
         outs, idxs = [], []
         for s in range(0, n, step):
             part = cols[s:s + step]
-            wt = weight.T.expand(part.shape[0], -1, -1)
-            y = torch.bmm(part.transpose(1, 2), wt) if bias is None else torch.baddbmm(bias, part.transpose(1, 2), wt)
+            y = torch.bmm(part.transpose(1, 2), weight.T.expand(part.shape[0], -1, -1))
             y = y.view(-1, *hw, c).permute(0, 3, 1, 2)  # (n', h*w, C) as channels-last (n', C, h, w): fast pool
             out, idx = F.max_pool2d(y, pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.ceil_mode,
                                     return_indices=True)
+            if bias is not None:  # max(y + b) = max(y) + b: the bias on the pooled values, a quarter of y
+                out += bias.view(1, -1, 1, 1)
             outs.append(out)
             idxs.append(idx)
         ctx.save_for_backward(cols, weight, *idxs)
