@@ -132,7 +132,8 @@ class MethodConfig:
     first_order: bool = False  # maml / metasgd: drop second-order terms (memory flat in inner_steps)
     meta_batch: int = Field(default=1, ge=1)  # tasks per optimiser step
     vmap: bool = False  # maml / metasgd: vectorise the tasks of a meta-batch with torch.func.vmap
-    task_threads: int = Field(default=1, ge=1)  # maml / metasgd on CPU: tasks of a meta-batch in parallel threads
+    # maml / metasgd on CPU: tasks of a meta-batch in parallel threads; 0: one per core this process may use
+    task_threads: int = Field(default=1, ge=0)
     margin: float = Field(default=1.0, gt=0)  # siamese: contrastive margin on unit-normalised embeddings
     head_steps: int = Field(default=100, ge=1)  # finetune: Adam steps fitting the new head on the support
     head_lr: float = Field(default=0.01, gt=0)  # finetune: the new head's learning rate

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -119,6 +120,17 @@ def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) 
     return state
 
 
+def task_threads(cfg: Config, device: torch.device, world: distributed.World) -> int:
+    """Threads for the tasks of a meta-batch (`method.task_threads`; 0: this process's share of the CPU cores
+    it may run on, at most its tasks). Always 1 off the CPU."""
+    if device.type != "cpu":
+        return 1
+    if cfg.method.task_threads:
+        return cfg.method.task_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores // world.size, len(world.mine(cfg.method.meta_batch))))
+
+
 # --- one meta-iteration ----------------------------------------------------------------------------------------
 def meta_step(model: nn.Module, tasks: list[tuple[torch.Tensor, ...]], n_way: int, cfg: Config,
               world: distributed.World) -> tuple[float, float, float]:
@@ -137,12 +149,13 @@ def meta_step(model: nn.Module, tasks: list[tuple[torch.Tensor, ...]], n_way: in
         losses, logits = model.vmap_task_losses(sx, sy, qx, qy, n_way)
         (losses.sum() / len(tasks)).backward()
         return (float(losses.detach().sum()), float((logits.argmax(-1) == qy).sum()), float(qy.numel()))
-    if cfg.method.task_threads > 1 and getattr(model, "parallel_tasks", False) and len(mine) > 1:
+    threads = task_threads(cfg, mine[0][0].device, world)
+    if threads > 1 and getattr(model, "parallel_tasks", False) and len(mine) > 1:
         def one(replica: nn.Module, task: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
             out = replica.task_loss(*task[:4], n_way, classes=task[4])
             return out.loss / len(tasks), out.logits.detach()
 
-        logits = threaded_task_grads(model, mine, one, cfg.method.task_threads)
+        logits = threaded_task_grads(model, mine, one, threads)
     else:
         logits = []
         for sx, sy, qx, qy, classes in mine:
@@ -185,8 +198,6 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
         stop_at: stop after this iteration as if interrupted (writes `last/`; for tests and time-boxed runs).
     """
     world, device = distributed.init(pick_device(cfg.train.device))
-    if cfg.method.task_threads > 1 and device.type == "cpu":
-        torch.set_num_threads(1)  # one intra-op thread per task thread: OpenMP teams per thread oversubscribe cores
     last = run_dir / "last"
     resuming = (last / "state.json").is_file()
     if resume and not resuming:
@@ -211,6 +222,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     log.info("classes: base %s | validation %s | novel %s", split["base"], split["validation"], split["novel"])
 
     model = build_model(cfg, n_base=len(split["base"])).to(device)
+    if getattr(model, "parallel_tasks", False) and task_threads(cfg, device, world) > 1:
+        torch.set_num_threads(1)  # one intra-op thread per task thread: OpenMP teams per thread oversubscribe cores
     if world.main and not resuming:
         save_weights(model, run_dir / "untrained.safetensors")
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -80,6 +80,25 @@ def test_vmap_meta_batch_trains_like_the_task_loop(tmp_path: Path) -> None:
     assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
 
 
+def test_task_threads_zero_means_this_process_share_of_its_cores(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`method.task_threads: 0`: the cores this process may run on, split between torchrun ranks, at most the
+    rank's tasks; a number is taken as it is; off the CPU always 1."""
+    import pipeline.train as train_module
+    from pipeline.distributed import World
+
+    monkeypatch.setattr(train_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    cpu = torch.device("cpu")
+    auto = tiny_config(tmp_path, "method.name=maml", "method.meta_batch=3", "method.task_threads=0")
+    assert train_module.task_threads(auto, cpu, World()) == 3  # 8 cores, 3 tasks
+    assert train_module.task_threads(auto, cpu, World(rank=0, size=4)) == 1  # 2 cores, tasks 0 only
+    wide = tiny_config(tmp_path, "method.name=maml", "method.meta_batch=16", "method.task_threads=0")
+    assert train_module.task_threads(wide, cpu, World(rank=1, size=2)) == 4  # 4 cores, 8 tasks
+    fixed = tiny_config(tmp_path, "method.name=maml", "method.meta_batch=3", "method.task_threads=5")
+    assert train_module.task_threads(fixed, cpu, World()) == 5
+    assert train_module.task_threads(auto, torch.device("cuda"), World()) == 1
+
+
 def test_task_threads_train_like_the_task_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.train as train_module
 
