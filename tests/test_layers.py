@@ -1,4 +1,5 @@
-"""`pipeline/layers.py`: the batch-norm rewrite that `speed_up` applies (the pool rewrites: tests/test_maml.py)."""
+"""`pipeline/layers.py` and `pipeline/stem.py`: the batch-norm rewrite and the fused first block that `speed_up`
+applies (the pool rewrites: tests/test_maml.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.encoders import conv_encoder
-from pipeline.layers import FastBatchNorm2d, StemSequential, _BatchNormBatchStats, speed_up
+from pipeline.layers import FastBatchNorm2d, _BatchNormBatchStats, speed_up
 from pipeline.methods.maml import MAML, adapt, call
+from pipeline.stem import StemSequential
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,7 @@ def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeyp
     padding and ceil mode; the others are the project's own `conv4_2d` (MONAI blocks: the conv and its norm in one
     nested block, the pool in the next) with each normalisation policy.
     """
-    from pipeline import layers
+    from pipeline import stem
 
     torch.manual_seed(0)
     if block == "conv4":
@@ -141,8 +143,8 @@ def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeyp
     fast_net = speed_up(copy.deepcopy(net))
     assert type(fast_net) is StemSequential and fast_net.stems == {0}
     assert list(fast_net.state_dict()) == list(net.state_dict())
-    calls, real = [], layers.conv_norm_pool
-    monkeypatch.setattr(layers, "conv_norm_pool", lambda *a: (calls.append(1), real(*a))[1])
+    calls, real = [], stem.conv_norm_pool
+    monkeypatch.setattr(stem, "conv_norm_pool", lambda *a: (calls.append(1), real(*a))[1])
 
     def images(n: int) -> torch.Tensor:
         x = torch.zeros(n, 1, 8, 8, dtype=torch.double)
@@ -169,9 +171,9 @@ def test_fused_first_block_in_chunks_keeps_no_full_resolution_tensor(monkeypatch
     """With chunks of one image the fused block still matches the layers (values, gradients for the input too, and
     second-order MAML gradients), and what autograd keeps for the backward holds no tensor of the conv output's
     full resolution (64x the input: the memory the chunking saves)."""
-    from pipeline import layers
+    from pipeline import stem
 
-    monkeypatch.setattr(layers, "_CHUNK_BYTES", 1)  # every image its own chunk
+    monkeypatch.setattr(stem, "_CHUNK_BYTES", 1)  # every image its own chunk
     torch.manual_seed(3)
     net = _grayscale_net(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), 4 * 2 * 2)
     fast_net = speed_up(copy.deepcopy(net))
@@ -199,14 +201,14 @@ def test_fused_first_block_in_chunks_keeps_no_full_resolution_tensor(monkeypatch
 def test_fused_first_block_falls_back_to_the_layers_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch-norm weight that is not positive breaks the pool-before-normalising step: the layers run one by one,
     giving PyTorch's values exactly; inside `torch.func` transforms too. Other first blocks are not fused."""
-    from pipeline import layers
+    from pipeline import stem
 
     torch.manual_seed(1)
     net = _grayscale_net(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), 4 * 2 * 2)
     with torch.no_grad():
         net[1].weight[2] = -0.5
     fast_net = speed_up(copy.deepcopy(net))
-    monkeypatch.setattr(layers, "conv_norm_pool", lambda *a: pytest.fail("fused block used"))
+    monkeypatch.setattr(stem, "conv_norm_pool", lambda *a: pytest.fail("fused block used"))
     x = torch.randn(5, 1, 8, 8, dtype=torch.double)
     assert torch.equal(fast_net(x), net(x))
     with torch.no_grad():

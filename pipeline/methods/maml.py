@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from pipeline.layers import StemSequential, speed_up
+from pipeline.layers import speed_up
 from pipeline.methods.base import FewShotMethod, State, TaskOut
+from pipeline.stem import StemSequential
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
