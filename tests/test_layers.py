@@ -24,6 +24,14 @@ def _ours(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _BatchNormBatchStats.apply(x, w, b, 1e-5)
 
 
+def _maml_grads(model: nn.Module, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor,
+                steps: int) -> tuple[torch.Tensor, ...]:
+    """Second-order MAML meta-gradients of `model`'s parameters: `steps` inner steps at 0.5 on (sx, sy), query loss."""
+    params = dict(model.named_parameters())
+    fast = adapt(params, lambda p: F.cross_entropy(call(model, p, sx), sy), steps, 0.5)
+    return torch.autograd.grad(F.cross_entropy(call(model, fast, qx), qy), list(params.values()))
+
+
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (4, 3, 5, 5), (2, 3, 3, 4, 3)])
 def test_batch_norm_rewrite_matches_pytorch_forward_backward_and_double_backward(shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
@@ -103,11 +111,7 @@ def test_second_order_maml_gradients_through_the_rewritten_batch_norm() -> None:
     assert sum(type(m) is FastBatchNorm2d for m in fast_net.modules()) == 2
     sx, qx = torch.randn(4, 1, 8, 8, dtype=torch.double), torch.randn(6, 1, 8, 8, dtype=torch.double)
     sy, qy = torch.arange(4) % 2, torch.arange(6) % 2
-    grads = []
-    for model in (net, fast_net):
-        params = dict(model.named_parameters())
-        fast = adapt(params, lambda p, m=model: F.cross_entropy(call(m, p, sx), sy), 3, 0.5)
-        grads.append(torch.autograd.grad(F.cross_entropy(call(model, fast, qx), qy), list(params.values())))
+    grads = [_maml_grads(model, sx, sy, qx, qy, 3) for model in (net, fast_net)]
     for a, c in zip(*grads, strict=True):
         assert float(a.abs().sum()) > 0
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
@@ -155,11 +159,7 @@ def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeyp
     sy, qy = torch.arange(4) % 3, torch.arange(6) % 3
     torch.testing.assert_close(fast_net(qx), net(qx), rtol=1e-12, atol=1e-12)
     assert calls
-    grads = []
-    for model in (net, fast_net):
-        params = dict(model.named_parameters())
-        fast = adapt(params, lambda p, m=model: F.cross_entropy(call(m, p, sx), sy), 3, 0.5)
-        grads.append(torch.autograd.grad(F.cross_entropy(call(model, fast, qx), qy), list(params.values())))
+    grads = [_maml_grads(model, sx, sy, qx, qy, 3) for model in (net, fast_net)]
     conv_biases = {f"{n}.bias" for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
     for name, a, c in zip(dict(net.named_parameters()), *grads, strict=True):
         if name not in conv_biases:  # a norm removes a conv bias: zero gradient up to rounding
@@ -189,11 +189,7 @@ def test_fused_first_block_in_chunks_keeps_no_full_resolution_tensor(monkeypatch
     for a, c in zip(want, got, strict=True):
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
     sx, qx, sy, qy = x.detach()[:3], x.detach()[3:], torch.arange(3), torch.arange(2)
-    grads = []
-    for model in (net, fast_net):
-        params = dict(model.named_parameters())
-        fast = adapt(params, lambda p, m=model: F.cross_entropy(call(m, p, sx), sy), 2, 0.5)
-        grads.append(torch.autograd.grad(F.cross_entropy(call(model, fast, qx), qy), list(params.values())))
+    grads = [_maml_grads(model, sx, sy, qx, qy, 2) for model in (net, fast_net)]
     for a, c in zip(*grads, strict=True):
         torch.testing.assert_close(c, a, rtol=1e-9, atol=1e-12)
 
