@@ -109,7 +109,8 @@ class _ConvPool(Function):
             idxs.append(idx)
         ctx.save_for_backward(cols, weight, *idxs)
         ctx.hw, ctx.pool, ctx.step = hw, pool, step
-        return torch.cat(outs).contiguous(memory_format=torch.channels_last)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)  # one chunk (a support set): no copy
+        return out.contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:

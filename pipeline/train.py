@@ -222,7 +222,8 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     log.info("classes: base %s | validation %s | novel %s", split["base"], split["validation"], split["novel"])
 
     model = build_model(cfg, n_base=len(split["base"])).to(device)
-    if getattr(model, "parallel_tasks", False) and task_threads(cfg, device, world) > 1:
+    threaded = getattr(model, "parallel_tasks", False) and not (cfg.method.vmap and hasattr(model, "vmap_task_losses"))
+    if threaded and task_threads(cfg, device, world) > 1:
         torch.set_num_threads(1)  # one intra-op thread per task thread: OpenMP teams per thread oversubscribe cores
     if world.main and not resuming:
         save_weights(model, run_dir / "untrained.safetensors")

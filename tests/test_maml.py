@@ -55,6 +55,18 @@ def episode(n: int = 2, k: int = 2, q: int = 2, size: int = 8, seed: int = 0) ->
             torch.randn(n * q, 1, size, size, generator=g), torch.arange(n).repeat_interleave(q))
 
 
+def test_adapt_steps_only_the_parameters_the_loss_uses() -> None:
+    """A parameter the loss does not reach keeps its value (no gradient); so do all of them when it reaches none,
+    for the fused scalar step and for per-parameter step sizes alike."""
+    a, b, outside = (torch.tensor([1.0, 2.0], requires_grad=True) for _ in range(3))
+    for lr in (0.5, {"a": torch.tensor(0.5), "b": torch.tensor(0.5)}):
+        fast = adapt({"a": a, "b": b}, lambda p: (p["a"] ** 2).sum(), 2, lr)
+        torch.testing.assert_close(fast["a"], a * 0.0)  # a <- a - 0.5 * 2a = 0 after the first step
+        assert fast["b"] is b
+        fast = adapt({"a": a, "b": b}, lambda p: (outside ** 2).sum(), 2, lr)
+        assert fast["a"] is a and fast["b"] is b
+
+
 def test_metasgd_step_sizes_receive_gradients_in_both_orders() -> None:
     for first_order in (False, True):
         torch.manual_seed(0)

@@ -72,11 +72,18 @@ def test_run_directory_contract_and_early_stop(tmp_path: Path) -> None:
 
 
 def test_vmap_meta_batch_trains_like_the_task_loop(tmp_path: Path) -> None:
-    runs = []
-    for vmap in ("false", "true"):
-        cfg = tiny_config(tmp_path, "method.name=maml", "method.inner_steps=1", "method.meta_batch=2",
-                          f"method.vmap={vmap}", "train.iterations=1", "train.val_every=0")
-        runs.append(load_file(str(train(cfg, tmp_path / f"vmap_{vmap}") / "model.safetensors")))
+    """Also: vmap takes precedence over task threads, so with both set the intra-op threads stay as they were."""
+    runs, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for vmap in ("false", "true"):
+            cfg = tiny_config(tmp_path, "method.name=maml", "method.inner_steps=1", "method.meta_batch=2",
+                              f"method.vmap={vmap}", "method.task_threads=2" if vmap == "true" else "seed=0",
+                              "train.iterations=1", "train.val_every=0")
+            runs.append(load_file(str(train(cfg, tmp_path / f"vmap_{vmap}") / "model.safetensors")))
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
 
 

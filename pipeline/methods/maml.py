@@ -78,7 +78,7 @@ def adapt(params: Mapping[str, Tensor], loss_fn: LossFn, steps: int, lr: StepSiz
         grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph, allow_unused=True)
         used = [(n, g if create_graph else g.detach()) for n, g in zip(names, grads, strict=True)
                 if g is not None]  # None: a parameter this loss does not use (e.g. unused head columns)
-        if isinstance(lr, float | int):
+        if used and isinstance(lr, float | int):  # (`_foreach_add` refuses an empty list)
             # one fused op (and one autograd node) for every parameter, instead of a multiply and a subtract each
             stepped = torch._foreach_add([fast[n] for n, _ in used], [g for _, g in used], alpha=-lr)
         else:
