@@ -33,11 +33,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.config import AugmentConfig, validate  # noqa: E402
-from pipeline.data import Items, open_source  # noqa: E402
-from pipeline.encoders import conv_encoder  # noqa: E402
-from pipeline.episodes import EpisodeDataset, EpisodeStream, episode_loader  # noqa: E402
+from pipeline.classification.data import Items, open_source  # noqa: E402
+from pipeline.classification.episodes import EpisodeDataset  # noqa: E402
+from pipeline.common.config import validate  # noqa: E402
+from pipeline.common.episodes import EpisodeStream, episode_loader  # noqa: E402
+from pipeline.nn.encoders import conv_encoder  # noqa: E402
 from transforms.augment import build_augmenter  # noqa: E402
+from transforms.config import AugmentConfig  # noqa: E402
 
 WAYS, SHOTS, QUERIES = 5, 5, 5
 
@@ -129,10 +131,11 @@ def segmentation_bench(tmp: Path, cases: int, overrides: tuple[str, ...] = ()
                        ) -> tuple[Callable[[], EpisodeStream], Callable[[Any], None]]:
     from monai.losses import DiceCELoss
 
-    from pipeline.config import load_config
-    from pipeline.seg_episodes import SegEpisodes, load_cases, precompute_supervoxels, split_structures
-    from pipeline.seg_io import write_synthetic_decathlon
-    from pipeline.segment import build_model
+    from pipeline.common.config import load_config
+    from pipeline.segmentation.data import load_cases, split_structures
+    from pipeline.segmentation.episodes import SegEpisodes, precompute_supervoxels
+    from pipeline.segmentation.output import write_synthetic_decathlon
+    from pipeline.segmentation.train import build_model
 
     if not (tmp / "seg" / "dataset.json").is_file():
         write_synthetic_decathlon(tmp / "seg", n_cases=cases, shape=(40, 50, 40), seed=0)
@@ -154,10 +157,10 @@ def segmentation_bench(tmp: Path, cases: int, overrides: tuple[str, ...] = ()
 
 
 def registration_bench(tmp: Path, cases: int) -> tuple[Callable[[], EpisodeStream], Callable[[Any], None]]:
-    from pipeline.config import load_config
-    from pipeline.methods.registration import Losses, reptile_step
-    from pipeline.reg_episodes import PairData, RegEpisodes, fixed_pairs, write_synthetic_decathlon
-    from pipeline.registration import build_net, n_labels
+    from pipeline.common.config import load_config
+    from pipeline.registration.episodes import PairData, RegEpisodes, fixed_pairs, write_synthetic_decathlon
+    from pipeline.registration.network import Losses, reptile_step
+    from pipeline.registration.train import build_net, n_labels
 
     write_synthetic_decathlon(tmp / "reg", n_cases=cases, shape=(40, 50, 40), seed=0)
     cfg = load_config(REPO / "configs" / "register_decathlon.yaml", [f"data.root={tmp / 'reg'}"])

@@ -71,14 +71,14 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
     batch = tasks(args.tasks, args.ways, args.shots, args.queries)
     if impl == "fewscan":
         sys.path.insert(0, str(REPO))
-        from pipeline.methods.maml import MAML
+        from pipeline.classification.methods.maml import MAML
 
         model = MAML(conv4(args.ways), args.ways, args.steps, args.lr, args.first_order,
                      channels_last=args.channels_last)
 
         def step() -> None:
-            if args.task_threads > 1:  # what `method.task_threads` does in pipeline/train.py
-                from pipeline.methods.maml import threaded_task_grads
+            if args.task_threads > 1:  # what `method.task_threads` does in pipeline/classification/train.py
+                from pipeline.nn.inner import threaded_task_grads
 
                 threaded_task_grads(model, batch, lambda m, t: (m.task_loss(*t, args.ways).loss / len(batch), None),
                                     args.task_threads)

@@ -33,7 +33,7 @@ def measure(impl: str, args: argparse.Namespace) -> dict:
     batch = tasks(args.episodes, args.ways, args.shots, args.queries)
     if impl == "fewscan":
         sys.path.insert(0, str(REPO))
-        from pipeline.methods.protonet import ProtoNet
+        from pipeline.classification.methods.protonet import ProtoNet
 
         model = ProtoNet(conv4(args.ways))
 

@@ -50,9 +50,10 @@ def load_line() -> str:
 
 # --- schedule ----------------------------------------------------------------------------------------------------
 def schedule(args: argparse.Namespace) -> None:
-    from pipeline.config import load_config
-    from pipeline.reg_episodes import write_synthetic_decathlon
-    from pipeline.registration import evaluate, summary_table, train
+    from pipeline.common.config import load_config
+    from pipeline.registration.episodes import write_synthetic_decathlon
+    from pipeline.registration.evaluate import evaluate, summary_table
+    from pipeline.registration.train import train
 
     work = Path(args.work)
     root = work / "SynthDecathlon"
@@ -94,8 +95,8 @@ def schedule(args: argparse.Namespace) -> None:
 # --- memory --------------------------------------------------------------------------------------------------------
 def memory_one(size: int, mode: str) -> None:
     """Peak RSS of one training step (batch 1) or one prediction at size^3, printed as JSON (child process)."""
-    from pipeline.config import RegistrationConfig
-    from pipeline.methods.registration import Losses, RegistrationNet, predict
+    from pipeline.common.config import RegistrationConfig
+    from pipeline.registration.network import Losses, RegistrationNet, predict
 
     rcfg = RegistrationConfig()
     net = RegistrationNet(rcfg, (size,) * 3)
@@ -154,7 +155,7 @@ def _real_pairs(only: str | None = None) -> list[dict]:
     from datasets.sources import load_label_map, load_nifti
     from datasets.volume import Volume
     from datasets.volume_io import load_volume
-    from pipeline.deformation import resample_to
+    from pipeline.registration.deformation import resample_to
 
     ts = DATA / "totalsegmentator_example"
     ct = load_nifti(ts / "example_ct_sm.nii.gz")
@@ -184,7 +185,7 @@ def _mni_pair() -> dict:
 
     from datasets.sources import load_nifti
     from datasets.volume import Volume
-    from pipeline.deformation import resample_to
+    from pipeline.registration.deformation import resample_to
 
     mni = DATA / "nilearn_mni152_2009"
     t1 = load_nifti(mni / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
@@ -213,8 +214,8 @@ def _mni_pair() -> dict:
 
 
 def _prepared(vol, lab, modality: str, size):
-    from pipeline.config import validate
-    from pipeline.registration import preprocess
+    from pipeline.common.config import validate
+    from pipeline.registration.evaluate import preprocess
 
     kind = "ct" if modality == "CT" else "mr"
     cfg = validate({"task": "registration", "transforms": {"preset": kind, "ct_window": "soft_tissue",
@@ -223,11 +224,11 @@ def _prepared(vol, lab, modality: str, size):
 
 
 def real(args: argparse.Namespace) -> None:
-    from pipeline.baselines.sitk_registration import register_sitk, warp_labels
-    from pipeline.config import RegistrationConfig
-    from pipeline.deformation import resample_to, transform_to_ddf, warp_array
-    from pipeline.methods.registration import Losses, RegistrationNet, adapted, predict
-    from pipeline.registration import pair_metrics
+    from pipeline.common.config import RegistrationConfig
+    from pipeline.registration.classical import register_sitk, warp_labels
+    from pipeline.registration.deformation import resample_to, transform_to_ddf, warp_array
+    from pipeline.registration.evaluate import pair_metrics
+    from pipeline.registration.network import Losses, RegistrationNet, adapted, predict
 
     if not DATA.is_dir():
         print(f"real data not found at {DATA}")

@@ -30,9 +30,10 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from nibabel.processing import resample_from_to, resample_to_output  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.seg_io import write_synthetic_decathlon  # noqa: E402
-from pipeline.segment import evaluate, summary_table, train  # noqa: E402
+from pipeline.common.config import load_config  # noqa: E402
+from pipeline.segmentation.evaluate import evaluate, summary_table  # noqa: E402
+from pipeline.segmentation.output import write_synthetic_decathlon  # noqa: E402
+from pipeline.segmentation.train import train  # noqa: E402
 
 CONFIG = REPO / "configs" / "segment_decathlon_ssl.yaml"
 HELD_OUT = ["liver", "spleen", "kidney_left", "kidney_right"]

@@ -112,7 +112,7 @@ def _per_image(values: list[str] | None, n: int, flag: str) -> list[str | None]:
 
 
 def _patches(args: argparse.Namespace) -> int:
-    from datasets.patches import load_subject, organ_patches, read_names, summary, write_patches
+    from transforms.patches import load_subject, organ_patches, read_names, summary, write_patches
 
     n = len(args.image)
     if len(args.labels) != n:
@@ -133,12 +133,13 @@ def _patches(args: argparse.Namespace) -> int:
     return 0
 
 
-# Each task kind is a module with `train(cfg, run_dir) -> Path`, `evaluate(run_dir, out) -> dict` and
-# `summary_table(report) -> str`.
+# Each task kind is a package whose `task` module is the protocol every verb dispatches on:
+# `train(cfg, run_dir, resume)`, `evaluate(run_dir, out, episodes_file, overrides)`, `summary_table(report)`,
+# `fixed_episodes(cfg, split, n)`, `adapt(run, support, out, structure)`, `predict(adapted, inputs, out, centre)`.
 TASKS: dict[str, str] = {
-    "classification": "pipeline.classify",
-    "segmentation": "pipeline.segment",
-    "registration": "pipeline.registration",
+    "classification": "pipeline.classification.task",
+    "segmentation": "pipeline.segmentation.task",
+    "registration": "pipeline.registration.task",
 }
 
 
@@ -161,7 +162,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from pipeline.common.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     run_dir = task_module(cfg.task).train(cfg, args.out, **({"resume": True} if args.resume else {}))
@@ -183,7 +184,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipeline.train import evaluation_files
+    from pipeline.common.run import evaluation_files
 
     if not (args.run_dir / "config.yaml").is_file():
         raise FewscanError(f"{args.run_dir}: not a run directory (no config.yaml); run `train` first")
@@ -212,13 +213,13 @@ def _episodes_args(p: argparse.ArgumentParser) -> None:
 
 
 def _episodes(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.episodes import fixed_episodes, save_episode_set
+    from pipeline.common.config import load_config
+    from pipeline.common.episodes import save_episode_set
 
     cfg = load_config(args.config, args.overrides)
     if args.n is not None and args.n < 1:
         raise FewscanError("--n must be at least 1")
-    records = fixed_episodes(cfg, args.split, args.n)
+    records = task_module(cfg.task).fixed_episodes(cfg, args.split, args.n or cfg.episodes.eval_episodes)
     save_episode_set(records, args.out)
     print(f"wrote {len(records)} {cfg.task} episodes ({args.split}) -> {args.out}")
     return 0
@@ -235,7 +236,7 @@ def _register_args(p: argparse.ArgumentParser) -> None:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from pipeline.registration import register_files
+    from pipeline.registration.register import register_files
 
     summary = register_files(args.fixed, args.moving, args.moving_labels, args.checkpoint, args.out, args.modality)
     print(f"wrote {', '.join(summary['outputs'])} -> {args.out} ({summary['seconds']:.1f} s, "
@@ -252,9 +253,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from datasets.synth import write_cohort
-    from pipeline.config import load_config
-    from pipeline.evaluate import evaluate, summary_table
-    from pipeline.train import train
+    from pipeline.classification.evaluate import evaluate, summary_table
+    from pipeline.classification.train import train
+    from pipeline.common.config import load_config
 
     start = time.perf_counter()
     data = args.out / "data"
@@ -290,17 +291,7 @@ def _run_task(folder: Path) -> str:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from pipeline.adapt import adapt
-
-    if _run_task(args.run) == "segmentation":
-        from pipeline.seg_adapt import adapt as adapt_segmentation
-
-        summary = adapt_segmentation(args.run, args.support, args.out, args.structure)
-        print(f"adapted {summary['method']} segmentation of {summary['structure']} "
-              f"({summary['shots']} support scans) -> {args.out}")
-        return 0
-    summary = adapt(args.run, args.support, args.out)
-    print(f"adapted {summary['method']} to {summary['support_per_class']} -> {args.out}")
+    print(task_module(_run_task(args.run)).adapt(args.run, args.support, args.out, args.structure))
     return 0
 
 
@@ -314,16 +305,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from pipeline.adapt import format_predictions, predict
-
-    if _run_task(args.adapted) == "segmentation":
-        from pipeline.seg_adapt import predict as predict_segmentation
-
-        for row in predict_segmentation(args.adapted, args.inputs, args.out):
-            print(f"{row['input']}: {row['voxels']} voxels -> {row['nifti']}"
-                  + (f", {row['dicom_seg']}" if "dicom_seg" in row else ""))
-        return 0
-    print(format_predictions(predict(args.adapted, args.inputs, args.centre)))
+    print(task_module(_run_task(args.adapted)).predict(args.adapted, args.inputs, args.out, args.centre))
     return 0
 
 

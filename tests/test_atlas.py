@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 
 from datasets.volume import Volume
-from pipeline.baselines.atlas import atlas_segment
-from pipeline.metrics import dice_hd95
-from pipeline.seg_io import synthetic_case
+from pipeline.common.metrics import dice_hd95
+from pipeline.segmentation.atlas import atlas_segment
+from pipeline.segmentation.output import synthetic_case
 
 
 def test_atlas_recovers_a_known_translation() -> None:

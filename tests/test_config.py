@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.__main__ import main
-from pipeline.config import ConfigError, load_config
+from pipeline.common.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 

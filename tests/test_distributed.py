@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import load_config
-from pipeline.distributed import World
-from pipeline.train import train
+from pipeline.classification.train import train
+from pipeline.common.config import load_config
+from pipeline.common.distributed import World
 
 REPO = Path(__file__).resolve().parents[1]
 

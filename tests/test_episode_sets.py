@@ -11,17 +11,11 @@ import yaml
 
 from datasets.volume import FewscanError, InputError
 from pipeline.__main__ import main
-from pipeline.config import load_config
-from pipeline.data import open_source
-from pipeline.episodes import (
-    EPISODE_MAKERS,
-    evaluation_episodes,
-    fixed_episodes,
-    load_episode_set,
-    records_to_episodes,
-    save_episode_set,
-    split_groups,
-)
+from pipeline.classification.data import open_source
+from pipeline.classification.episodes import classification_episodes as fixed_episodes
+from pipeline.classification.episodes import evaluation_episodes, records_to_episodes, split_groups
+from pipeline.common.config import load_config
+from pipeline.common.episodes import load_episode_set, save_episode_set
 
 
 @pytest.fixture()
@@ -50,7 +44,7 @@ def test_episodes_verb_writes_the_documented_format(npz_config: Path, tmp_path: 
     cat = source.catalog()
     patient_of = dict(zip(cat.ids, cat.groups, strict=True))
     class_of = dict(zip(cat.ids, cat.labels, strict=True))
-    from pipeline.data import source_split
+    from pipeline.classification.episodes import source_split
 
     test_patients = split_groups(source_split(cfg, source), "novel")
     for rec in records:
@@ -76,10 +70,10 @@ def test_episodes_verb_writes_the_documented_format(npz_config: Path, tmp_path: 
 def test_evaluation_uses_the_same_episodes_as_the_verb(npz_config: Path, tmp_path: Path) -> None:
     """What `evaluate` draws for a run equals what `episodes` writes for its config: one file, paired methods."""
     cfg = load_config(npz_config)
-    records = fixed_episodes(cfg, "novel")
+    records = fixed_episodes(cfg, "novel", cfg.episodes.eval_episodes)
     assert len(records) == cfg.episodes.eval_episodes
     source = open_source(cfg)
-    from pipeline.data import source_split
+    from pipeline.classification.episodes import source_split
 
     split = source_split(cfg, source)
     items = source.items(split["novel"], split_groups(split, "novel"))
@@ -126,31 +120,21 @@ def test_class_minimums_are_reported_not_crashed(npz_config: Path, tmp_path: Pat
     assert code == 2 and "excluded" in caplog.text and not (tmp_path / "x.json").exists()
 
 
-def test_dispatch_to_other_tasks_and_missing_makers(npz_config: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(npz_config)
-    calls = []
-    monkeypatch.setitem(EPISODE_MAKERS, "classification", ("pipeline.episodes", "no_such_function"))
-    with pytest.raises(FewscanError, match="not available"):
-        fixed_episodes(cfg, "novel", 2)
-    monkeypatch.setitem(EPISODE_MAKERS, "classification", ("pipeline.no_such_module", "fixed"))
-    with pytest.raises(FewscanError, match="not available"):
-        fixed_episodes(cfg, "novel", 2)
-    import pipeline.episodes as module
+def test_unknown_split_and_task_are_refused(npz_config: Path, tmp_path: Path) -> None:
+    from pipeline.__main__ import task_module
 
-    monkeypatch.setattr(module, "fake_maker", lambda c, s, n: calls.append((s, n)) or [], raising=False)
-    monkeypatch.setitem(EPISODE_MAKERS, "classification", ("pipeline.episodes", "fake_maker"))
-    fixed_episodes(cfg, "validation", None)
-    assert calls == [("validation", cfg.episodes.eval_episodes)]
+    cfg = load_config(npz_config)
     with pytest.raises(FewscanError, match="splits are"):
-        module.classification_episodes(cfg, "test", 2)
+        fixed_episodes(cfg, "test", 2)
+    with pytest.raises(FewscanError, match="unknown task"):
+        task_module("detection")
 
 
 @pytest.mark.realdata
 def test_mednist_episodes_hold_out_two_classes(shared_data: Path, tmp_path: Path) -> None:
     import torch
 
-    from pipeline.data import source_split
-    from pipeline.episodes import EpisodeDataset
+    from pipeline.classification.episodes import EpisodeDataset, source_split
 
     path = shared_data / "mednist" / "mednist_64px_cap1000.npz"
     if not path.is_file():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from datasets.volume import FewscanError
-from pipeline.episodes import EpisodeSampler, split_classes
+from pipeline.classification.episodes import EpisodeSampler, split_classes
 
 
 def toy(n_classes: int = 6, patients: int = 12, per_patient: int = 2, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -67,7 +67,7 @@ def test_single_patient_class_cannot_form_disjoint_episode() -> None:
 
 # --- patient split, streaming episodes ------------------------------------------------------------------------------
 def test_patient_split_is_seeded_disjoint_and_order_free() -> None:
-    from pipeline.episodes import split_patients
+    from pipeline.common.splits import split_patients
 
     groups = [f"p{i}" for i in range(50)]
     a = split_patients(groups, validation=0.2, test=0.2, seed=3)
@@ -81,8 +81,8 @@ def test_patient_split_is_seeded_disjoint_and_order_free() -> None:
 
 
 def test_make_split_keeps_class_parts_on_their_own_patients() -> None:
-    from pipeline.config import SplitConfig
-    from pipeline.episodes import make_split, split_groups
+    from pipeline.classification.episodes import make_split, split_groups
+    from pipeline.common.config import SplitConfig
 
     labels, groups = toy(patients=60)
     cfg = SplitConfig(novel=["c4", "c5"], validation=["c3"], patients={"validation": 0.2, "test": 0.3})
@@ -101,7 +101,8 @@ def test_make_split_keeps_class_parts_on_their_own_patients() -> None:
 def test_episode_stream_is_identical_for_0_and_2_workers() -> None:
     import torch
 
-    from pipeline.episodes import EpisodeDataset, episode_loader
+    from pipeline.classification.episodes import EpisodeDataset
+    from pipeline.common.episodes import episode_loader
 
     labels, groups = toy(patients=30)
     x = torch.arange(len(labels), dtype=torch.float32).reshape(-1, 1, 1, 1)  # item i holds the value i
@@ -127,9 +128,9 @@ def test_episode_stream_is_identical_for_0_and_2_workers() -> None:
 def test_episode_stream_augments_only_when_asked() -> None:
     import torch
 
-    from pipeline.config import AugmentConfig
-    from pipeline.episodes import EpisodeDataset
+    from pipeline.classification.episodes import EpisodeDataset
     from transforms.augment import build_augmenter
+    from transforms.config import AugmentConfig
 
     labels, groups = toy(patients=30)
     x = torch.rand(len(labels), 1, 8, 8)

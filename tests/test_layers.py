@@ -1,4 +1,4 @@
-"""`pipeline/layers.py` and `pipeline/stem.py`: the batch-norm rewrite and the fused first block that `speed_up`
+"""`pipeline/nn/layers.py` and `pipeline/nn/stem.py`: the batch-norm rewrite and the fused first block that `speed_up`
 applies (the pool rewrites: tests/test_maml.py)."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.encoders import conv_encoder
-from pipeline.layers import FastBatchNorm2d, _BatchNormBatchStats, speed_up
-from pipeline.methods.maml import MAML, adapt, call
-from pipeline.stem import StemSequential
+from pipeline.classification.methods.maml import MAML
+from pipeline.nn.encoders import conv_encoder
+from pipeline.nn.fast import speed_up
+from pipeline.nn.inner import adapt, call
+from pipeline.nn.layers import FastBatchNorm2d, _BatchNormBatchStats
+from pipeline.nn.stem import StemSequential
 
 
 def _reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -133,7 +135,7 @@ def test_fused_first_block_matches_the_layers_at_every_order(block: str, monkeyp
     padding and ceil mode; the others are the project's own `conv4_2d` (MONAI blocks: the conv and its norm in one
     nested block, the pool in the next) with each normalisation policy.
     """
-    from pipeline import stem
+    from pipeline.nn import stem
 
     torch.manual_seed(0)
     if block == "conv4":
@@ -171,7 +173,7 @@ def test_fused_first_block_in_chunks_keeps_no_full_resolution_tensor(monkeypatch
     """With chunks of one image the fused block still matches the layers (values, gradients for the input too, and
     second-order MAML gradients), and what autograd keeps for the backward holds no tensor of the conv output's
     full resolution (64x the input: the memory the chunking saves)."""
-    from pipeline import stem
+    from pipeline.nn import stem
 
     monkeypatch.setattr(stem, "_CHUNK_BYTES", 1)  # every image its own chunk
     torch.manual_seed(3)
@@ -197,7 +199,7 @@ def test_fused_first_block_in_chunks_keeps_no_full_resolution_tensor(monkeypatch
 def test_fused_first_block_falls_back_to_the_layers_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch-norm weight that is not positive breaks the pool-before-normalising step: the layers run one by one,
     giving PyTorch's values exactly; inside `torch.func` transforms too. Other first blocks are not fused."""
-    from pipeline import stem
+    from pipeline.nn import stem
 
     torch.manual_seed(1)
     net = _grayscale_net(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(2), 4 * 2 * 2)

@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.encoders import conv_encoder
-from pipeline.methods.maml import MAML, adapt, adapt_functional, adapt_inference, call, vmap_task_losses
-from pipeline.methods.metasgd import MetaSGD
-from pipeline.methods.reptile import Reptile
+from pipeline.classification.methods.maml import MAML
+from pipeline.classification.methods.metasgd import MetaSGD
+from pipeline.classification.methods.reptile import Reptile
+from pipeline.nn.encoders import conv_encoder
+from pipeline.nn.inner import adapt, adapt_functional, adapt_inference, call, vmap_task_losses
 
 
 def linear_case(first_order: bool) -> tuple[float, float]:
@@ -156,7 +157,7 @@ def test_channels_last_layout_gives_the_same_meta_gradients() -> None:
 @pytest.mark.parametrize("method", ["maml", "metasgd"])
 def test_threaded_tasks_give_the_loop_gradients(method: str) -> None:
     """Tasks in parallel threads (each on a parameter-sharing replica) sum to exactly the sequential gradients."""
-    from pipeline.methods.maml import replicate, threaded_task_grads
+    from pipeline.nn.inner import replicate, threaded_task_grads
 
     torch.manual_seed(0)
     cls = MAML if method == "maml" else MetaSGD
@@ -184,7 +185,8 @@ def test_speed_up_keeps_outputs_and_second_order_gradients_bitwise(dims: int) ->
     """
     import copy
 
-    from pipeline.layers import FastMaxPool, pool_before_relu, speed_up
+    from pipeline.nn.fast import speed_up
+    from pipeline.nn.layers import FastMaxPool, pool_before_relu
 
     conv, pool = (nn.Conv3d, nn.MaxPool3d) if dims == 3 else (nn.Conv2d, nn.MaxPool2d)
     torch.manual_seed(0)
@@ -211,7 +213,7 @@ def test_speed_up_keeps_outputs_and_second_order_gradients_bitwise(dims: int) ->
 
 
 def test_fast_max_pool_matches_pytorch_in_values_ties_and_higher_order_gradients() -> None:
-    from pipeline.layers import FastMaxPool
+    from pipeline.nn.layers import FastMaxPool
 
     torch.manual_seed(0)
     for ref in (nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True), nn.MaxPool3d(2)):
@@ -230,11 +232,11 @@ def test_fast_max_pool_matches_pytorch_in_values_ties_and_higher_order_gradients
 @pytest.mark.parametrize("name", ["protonet", "matching", "siamese", "finetune", "maml", "metasgd", "reptile"])
 def test_every_method_runs_its_encoder_through_speed_up(name: str) -> None:
     """Built by config or by hand, each method gets the exact faster pools (and pool -> ReLU order) once."""
-    from pipeline.layers import FastMaxPool
-    from pipeline.methods.finetune import FineTune
-    from pipeline.methods.matching import MatchingNet
-    from pipeline.methods.protonet import ProtoNet
-    from pipeline.methods.siamese import Siamese
+    from pipeline.classification.methods.finetune import FineTune
+    from pipeline.classification.methods.matching import MatchingNet
+    from pipeline.classification.methods.protonet import ProtoNet
+    from pipeline.classification.methods.siamese import Siamese
+    from pipeline.nn.layers import FastMaxPool
 
     def encoder() -> nn.Module:
         enc = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())

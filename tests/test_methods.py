@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.config import validate
-from pipeline.encoders import build_encoder, conv_encoder
-from pipeline.methods import METHODS, build_method
-from pipeline.methods.maml import MAML
-from pipeline.methods.matching import matching_logits
-from pipeline.methods.siamese import contrastive_loss, nearest_support_logits
+from pipeline.classification.methods import METHODS, build_method
+from pipeline.classification.methods.maml import MAML
+from pipeline.classification.methods.matching import matching_logits
+from pipeline.classification.methods.siamese import contrastive_loss, nearest_support_logits
+from pipeline.common.config import validate
+from pipeline.nn.encoders import build_encoder, conv_encoder
 
 
 def episode(n: int = 3, k: int = 2, q: int = 2, size: int = 16) -> tuple[torch.Tensor, ...]:

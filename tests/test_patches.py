@@ -1,4 +1,4 @@
-"""Organ patches (`datasets/patches.py`, `python -m pipeline patches`): centres on their structure, pseudo-patient
+"""Organ patches (`transforms/patches.py`, `python -m pipeline patches`): centres on their structure, pseudo-patient
 slab groups that never overlap, npz readable by the npz source, seeded, clear errors."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from datasets.patches import load_subject, organ_patches, write_patches
 from datasets.volume import FewscanError
 from pipeline.__main__ import main
-from pipeline.config import validate
-from pipeline.data import open_source
+from pipeline.classification.data import open_source
+from pipeline.common.config import validate
+from transforms.patches import load_subject, organ_patches, write_patches
 
 HU = {1: 60.0, 2: -60.0, 3: 160.0, 4: 100.0}  # liver, spleen, kidney, tiny: distinct in the soft-tissue window
 NAMES = {1: "liver", 2: "spleen", 3: "kidney", 4: "tiny"}
@@ -136,7 +136,7 @@ def test_cli_writes_the_npz_and_refuses_bad_input(tmp_path: Path, capsys: pytest
 
 @pytest.mark.realdata
 def test_totalsegmentator_organ_patches(shared_data: Path) -> None:
-    from datasets.patches import read_names
+    from transforms.patches import read_names
 
     root = shared_data / "totalsegmentator_example"
     table = f"{root / 'class_map_total.json'}:total"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.methods.proto_seg import ProtoSeg, fit_proto, local_prototypes, masked_average_pooling
-from pipeline.metrics import dice_hd95
+from pipeline.common.metrics import dice_hd95
+from pipeline.segmentation.proto import ProtoSeg, fit_proto, local_prototypes, masked_average_pooling
 
 
 def test_masked_average_pooling_equals_hand_computed_mean() -> None:
@@ -54,8 +54,8 @@ def test_empty_support_mask_does_not_produce_nan() -> None:
 
 
 def test_every_configured_monai_backbone_gives_dense_features_2d_and_3d() -> None:
-    from pipeline.config import validate
-    from pipeline.methods.proto_seg import build_proto_seg
+    from pipeline.common.config import validate
+    from pipeline.segmentation.proto import build_proto_seg
 
     for encoder in ("unet", "basicunet", "segresnet"):
         for mode, shape in (("2d", (20, 18)), ("3d", (10, 12, 9))):

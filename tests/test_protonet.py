@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.methods.protonet import ProtoNet, proto_logits, prototypes
-from pipeline.metrics import mean_ci95
+from pipeline.classification.methods.protonet import ProtoNet, proto_logits, prototypes
+from pipeline.common.metrics import mean_ci95
 
 
 def test_logits_are_negative_squared_distance_to_class_means() -> None:
@@ -41,7 +41,7 @@ def test_mean_ci95_matches_t_interval() -> None:
 
 
 def test_classification_metrics_by_hand() -> None:
-    from pipeline.metrics import balanced_accuracy, binary_auc, confusion_matrix, macro_auc
+    from pipeline.common.metrics import balanced_accuracy, binary_auc, confusion_matrix, macro_auc
 
     y = np.array([0, 0, 0, 1])
     pred = np.array([0, 0, 1, 1])

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import validate
-from pipeline.reg_episodes import fixed_pairs, roles, write_synthetic_decathlon
+from pipeline.common.config import validate
+from pipeline.registration.episodes import fixed_pairs, roles, write_synthetic_decathlon
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_intra_subject_pairs_stay_within_one_patient(tmp_path: Path) -> None:
 
 def test_training_tasks_same_for_any_worker_count(two_folders) -> None:
     """Reptile tasks: every inner-step batch of a task holds pairs of one fixed image; 0 or 2 workers agree."""
-    from pipeline.episodes import episode_loader
-    from pipeline.reg_episodes import PairData, RegEpisodes
+    from pipeline.common.episodes import episode_loader
+    from pipeline.registration.episodes import PairData, RegEpisodes
 
     a, _ = two_folders
     cfg = validate({**cfg_for(a, inner_steps=2, pairs_per_task=2).__dict__,

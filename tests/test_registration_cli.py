@@ -11,10 +11,11 @@ import SimpleITK as sitk
 
 from datasets.sources import load_nifti
 from pipeline.__main__ import main
-from pipeline.config import validate
-from pipeline.deformation import from_sitk, read_displacement_field, to_sitk, warp_array
-from pipeline.reg_episodes import write_synthetic_decathlon
-from pipeline.registration import load_checkpoint, predict_transform, train
+from pipeline.common.config import validate
+from pipeline.registration.deformation import from_sitk, read_displacement_field, to_sitk, warp_array
+from pipeline.registration.episodes import write_synthetic_decathlon
+from pipeline.registration.register import load_checkpoint, predict_transform
+from pipeline.registration.train import train
 
 
 @pytest.fixture(scope="module")

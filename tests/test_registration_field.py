@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from datasets.volume import Volume
-from pipeline.deformation import (
+from pipeline.registration.deformation import (
     ddf_from_itk,
     ddf_to_itk,
     folding_ratio,

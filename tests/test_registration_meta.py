@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from pipeline.config import RegistrationConfig
-from pipeline.methods.registration import (
+from pipeline.common.config import RegistrationConfig
+from pipeline.registration.network import (
     GLOBALNET_LR_SCALE,
     Losses,
     RegistrationNet,

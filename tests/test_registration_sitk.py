@@ -8,8 +8,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from datasets.volume import Volume
-from pipeline.baselines.sitk_registration import register_sitk, warp_labels
-from pipeline.deformation import RAS_TO_LPS, from_sitk, to_sitk
+from pipeline.registration.classical import register_sitk, warp_labels
+from pipeline.registration.deformation import RAS_TO_LPS, from_sitk, to_sitk
 
 
 def blobs(shape: tuple[int, int, int] = (28, 28, 28), seed: int = 0) -> np.ndarray:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import validate
-from pipeline.reg_episodes import write_synthetic_decathlon
-from pipeline.registration import evaluate, summary_table, train
+from pipeline.common.config import validate
+from pipeline.registration.episodes import write_synthetic_decathlon
+from pipeline.registration.evaluate import evaluate, summary_table
+from pipeline.registration.train import train
 
 
 def tiny_config(root: Path, **reg) -> dict:

@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 
 from datasets.volume import Volume
-from pipeline.config import validate
-from pipeline.seg_episodes import (
-    fixed_episodes,
-    labelled_episode,
-    make_case,
-    pseudo_episode,
-    role_ids,
-    split_structures,
-)
-from pipeline.seg_io import SYNTH_STRUCTURES, synthetic_case
+from pipeline.common.config import validate
+from pipeline.segmentation.data import make_case, split_structures
+from pipeline.segmentation.episodes import fixed_episodes, labelled_episode, pseudo_episode, role_ids
+from pipeline.segmentation.output import SYNTH_STRUCTURES, synthetic_case
 
 SHAPE = (20, 24, 18)
 
@@ -85,8 +79,8 @@ def test_pseudo_label_episodes_have_non_trivial_masks(cases) -> None:
 
 def test_training_stream_same_for_any_worker_count_and_resumes(cases) -> None:
     """Episode i is a function of (seed, i): 0 or 2 DataLoader workers, or a resume at i=3, give the same tensors."""
-    from pipeline.episodes import episode_loader
-    from pipeline.seg_episodes import SegEpisodes, precompute_supervoxels
+    from pipeline.common.episodes import episode_loader
+    from pipeline.segmentation.episodes import SegEpisodes, precompute_supervoxels
 
     cfg = _cfg(supervision="self", mode="3d")
     precompute_supervoxels(cases, cfg.segmentation, workers=2)

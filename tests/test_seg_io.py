@@ -12,11 +12,11 @@ from dicom_factory import write_series
 
 from datasets.dicom import load_series, read_series
 from datasets.labels import load_seg
-from pipeline.config import to_dict, validate
-from pipeline.seg_adapt import adapt, predict
-from pipeline.seg_io import synthetic_case, write_dicom_seg
-from pipeline.segment import build_model
-from pipeline.train import save_weights
+from pipeline.common.config import to_dict, validate
+from pipeline.common.run import save_weights
+from pipeline.segmentation.adapt import adapt, predict
+from pipeline.segmentation.output import synthetic_case, write_dicom_seg
+from pipeline.segmentation.train import build_model
 
 
 def _series(folder: Path, seed: int = 0) -> tuple[list[Path], np.ndarray]:

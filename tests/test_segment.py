@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.seg_episodes import role_ids
-from pipeline.seg_io import write_synthetic_decathlon
-from pipeline.segment import evaluate, summary_table, train
+from pipeline.common.config import load_config
+from pipeline.segmentation.episodes import role_ids
+from pipeline.segmentation.evaluate import evaluate, summary_table
+from pipeline.segmentation.output import write_synthetic_decathlon
+from pipeline.segmentation.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.iterations=3", "train.log_every=1", "episodes.eval_episodes=1", "segmentation.finetune_steps=2",
@@ -81,7 +82,7 @@ def test_default_maml_inner_loop_escapes_an_all_background_initialisation() -> N
     import torch
     from monai.metrics import DiceMetric
 
-    from pipeline.methods.maml_seg import adapt_maml, build_maml_unet, maml_predictor
+    from pipeline.segmentation.maml import adapt_maml, build_maml_unet, maml_predictor
 
     scfg = load_config(REPO / "configs" / "segment_decathlon_ssl.yaml", ["data.root=unused"]).segmentation
     g = torch.Generator().manual_seed(0)

@@ -19,9 +19,9 @@ from datasets.sources import (
     structure_tasks,
 )
 from datasets.volume import FewscanError, InputError, Volume
-from pipeline.config import validate
-from pipeline.data import open_source
-from pipeline.episodes import EpisodeSampler
+from pipeline.classification.data import open_source
+from pipeline.classification.episodes import EpisodeSampler
+from pipeline.common.config import validate
 
 
 def cfg_for(source: str, root: Path, **extra: object) -> object:

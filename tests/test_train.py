@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.config import load_config
-from pipeline.train import train
+from pipeline.classification.train import train
+from pipeline.common.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,8 +91,8 @@ def test_task_threads_zero_means_this_process_share_of_its_cores(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """`method.task_threads: 0`: the cores this process may run on, split between torchrun ranks, at most the
     rank's tasks; a number is taken as it is; off the CPU always 1."""
-    import pipeline.train as train_module
-    from pipeline.distributed import World
+    import pipeline.classification.train as train_module
+    from pipeline.common.distributed import World
 
     monkeypatch.setattr(train_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     cpu = torch.device("cpu")
@@ -107,7 +107,7 @@ def test_task_threads_zero_means_this_process_share_of_its_cores(tmp_path: Path,
 
 
 def test_task_threads_train_like_the_task_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.train as train_module
+    import pipeline.classification.train as train_module
 
     calls = []
     real = train_module.threaded_task_grads

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from datasets.volume import Volume
-from pipeline.config import AugmentConfig, TransformConfig
 from transforms.augment import EpisodeAugmenter, build_augmenter
+from transforms.config import AugmentConfig, TransformConfig
 from transforms.presets import (
     CT_WINDOWS,
     crop_around,

@@ -22,7 +22,7 @@ from monai.transforms import (
     RandShiftIntensity,
 )
 
-from pipeline.config import AugmentConfig
+from transforms.config import AugmentConfig
 
 
 class EpisodeAugmenter:

@@ -31,7 +31,7 @@ from monai.transforms import (
 )
 
 from datasets.volume import Volume
-from pipeline.config import TransformConfig
+from transforms.config import TransformConfig
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))

@@ -1,1 +1,0 @@
-"""Classical (non-learned) baselines reported side by side with the learned methods."""

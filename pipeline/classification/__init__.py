@@ -1,0 +1,1 @@
+"""The classification task kind; `task.py` is the protocol `python -m pipeline` dispatches on."""

@@ -1,0 +1,188 @@
+"""`adapt`: fit a trained run to new classes from a few labelled scans; `predict`: per-class probabilities.
+
+    python -m pipeline adapt RUN_DIR_OR_CHECKPOINT --support support.csv --out ADAPTED
+    python -m pipeline predict ADAPTED scan1/ scan2.nii.gz ...
+
+Support: a CSV with columns `path` (DICOM series folder, NIfTI, or 2D image; relative to the CSV), `label`, and
+optionally the centre columns of the run's config (`data.center_columns`, in `data.center_frame`), or a
+class-per-folder tree `DIR/<label>/<item>`. Items get the run's preprocessing: 3D scans the volume preset and a
+`roi_size` crop around the centre (the volume centre when none is given); 2D images scaled to [0, 1] and resized
+to the training item size.
+
+ADAPTED holds `adapted.json` (classes, method, item shape), `config.yaml`, `model.safetensors` (the meta-trained
+weights) and `state.safetensors`: the method's `fit` result (prototypes, adapted weights, a fitted head, ...).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from datasets.volume import FewscanError, InputError, atomic_path
+from pipeline.classification.train import build_model
+from pipeline.common.config import Config
+from pipeline.common.report import write_json
+from pipeline.common.run import load_run_config, load_weights
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def resolve_run(path: Path) -> tuple[Path, Path]:
+    """(run directory, weights file) from a run directory, a checkpoint folder (`last/`, `best/`) or a weights file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        weights = path
+        run = path.parent if (path.parent / "config.yaml").is_file() else path.parent.parent
+    elif (path / "config.yaml").is_file():
+        run, weights = path, path / "model.safetensors"
+    elif (path / "model.safetensors").is_file() and (path.parent / "config.yaml").is_file():
+        run, weights = path.parent, path / "model.safetensors"
+    else:
+        raise InputError(path, "not a run directory, checkpoint folder or .safetensors weights of a run")
+    if not weights.is_file() or not (run / "config.yaml").is_file():
+        raise InputError(path, "the run has no trained weights (model.safetensors) yet")
+    return run, weights
+
+
+def read_support(spec: Path, cfg: Config) -> list[tuple[Path, str, list[float] | None]]:
+    """(item path, label, centre or None) rows from a support CSV or a class-per-folder tree."""
+    spec = Path(spec)
+    if spec.is_dir():
+        rows = [(item, d.name, None) for d in sorted(spec.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                for item in sorted(d.iterdir()) if not item.name.startswith(".")]
+    else:
+        try:
+            with spec.open(newline="") as f:
+                table = list(csv.DictReader(f))
+        except (OSError, UnicodeDecodeError, csv.Error) as err:
+            raise InputError(spec, f"cannot read support CSV: {err}") from None
+        if not table or not {"path", "label"} <= set(table[0]):
+            raise InputError(spec, "a support CSV needs a header with 'path' and 'label' columns")
+        rows = []
+        for n, row in enumerate(table, start=2):
+            centre = None
+            if all(row.get(c) not in (None, "") for c in cfg.data.center_columns):
+                try:
+                    centre = [float(row[c]) for c in cfg.data.center_columns]
+                except ValueError:
+                    raise InputError(spec, f"line {n}: centre {cfg.data.center_columns} is not numeric") from None
+            rows.append(((spec.parent / row["path"]).resolve(), row["label"], centre))
+    if not rows:
+        raise InputError(spec, "no support items found")
+    return rows
+
+
+def load_item(path: Path, cfg: Config, item_shape: tuple[int, ...], centre: list[float] | None = None
+              ) -> torch.Tensor:
+    """One preprocessed item shaped like the training items `item_shape` = `(C, *spatial)`."""
+    from monai.transforms import ResizeWithPadOrCrop
+
+    from datasets.sources import is_nifti, load_image, load_nifti
+    from transforms.presets import crop_around, image_2d, lps_to_ras, prepare, volume_to_dict
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "support/input item not found")
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        if len(item_shape) != 3:
+            raise InputError(path, f"a 2D image, but this model takes items of shape {item_shape}")
+        x = image_2d(load_image(path), item_shape[-2:])
+    else:
+        if path.is_dir():
+            from datasets.dicom import load_series
+
+            volume = load_series(path)
+        elif is_nifti(path):
+            volume = load_nifti(path)
+        else:
+            raise InputError(path, "expected a DICOM series folder, a NIfTI file or a 2D image")
+        image = prepare(cfg.transforms, volume.meta.get("modality"))(volume_to_dict(volume))["image"]
+        if centre is not None:
+            ras = lps_to_ras(centre) if cfg.data.center_frame == "LPS" else np.asarray(centre)
+            x = crop_around(image, ras, cfg.transforms)
+        else:
+            x = torch.as_tensor(ResizeWithPadOrCrop(spatial_size=cfg.transforms.roi_size)(image)).float()
+        if len(item_shape) == 3 and x.ndim == 4 and cfg.transforms.slice_axis != "none":
+            from transforms.presets import SLICE_AXES, central_slice
+
+            x = central_slice(x, SLICE_AXES[cfg.transforms.slice_axis])
+    if x.shape[0] != item_shape[0] and x.shape[0] in (1, 3) and item_shape[0] in (1, 3):
+        x = x.mean(0, keepdim=True).expand(item_shape[0], *x.shape[1:])  # grey <-> colour
+    if tuple(x.shape) != tuple(item_shape):
+        raise InputError(path, f"preprocessed to shape {tuple(x.shape)}, but the model takes {tuple(item_shape)}")
+    return x.float()
+
+
+def _model(run: Path, weights: Path) -> tuple[Config, torch.nn.Module, dict[str, Any]]:
+    cfg = load_run_config(run)
+    split = json.loads((run / "split.json").read_text())
+    state = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else {}
+    model = load_weights(build_model(cfg, n_base=len(split["base"])), weights).eval()
+    return cfg, model, {"n_base": len(split["base"]), "item_shape": state.get("item_shape")}
+
+
+def adapt(run_or_checkpoint: Path, support: Path, out: Path) -> dict[str, Any]:
+    """Fit the run's method to the support set's classes; writes the ADAPTED folder and returns its summary."""
+    run, weights = resolve_run(run_or_checkpoint)
+    cfg, model, info = _model(run, weights)
+    if not info["item_shape"]:
+        raise InputError(run, "state.json lacks the training item shape; re-run `train` with this version")
+    rows = read_support(support, cfg)
+    classes = sorted({label for _, label, _ in rows})
+    if len(classes) < 2:
+        raise InputError(support, f"the support set needs at least 2 classes, found {classes}")
+    if cfg.method.name in ("maml", "metasgd", "reptile") and len(classes) > max(cfg.episodes.ways,
+                                                                                 cfg.train.ways or 0):
+        raise InputError(support, f"{cfg.method.name} was trained with a {cfg.episodes.ways}-way head; the "
+                         f"support set has {len(classes)} classes")
+    x = torch.stack([load_item(p, cfg, tuple(info["item_shape"]), c) for p, _, c in rows])
+    y = torch.tensor([classes.index(label) for _, label, _ in rows])
+    with torch.no_grad():
+        fitted = model.fit(x, y, len(classes))
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "config.yaml", out / "config.yaml")
+    shutil.copyfile(run / "split.json", out / "split.json")
+    with atomic_path(out / "model.safetensors") as tmp:
+        shutil.copyfile(weights, tmp)
+    with atomic_path(out / "state.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in fitted.items()}, str(tmp))
+    summary = {"method": cfg.method.name, "classes": classes, "support_per_class": {c: int((y == i).sum())
+               for i, c in enumerate(classes)}, "item_shape": info["item_shape"], "run": str(run.resolve())}
+    write_json(summary, out / "adapted.json")
+    (out / "state.json").write_text(json.dumps({"item_shape": info["item_shape"]}))
+    return summary
+
+
+def predict(adapted: Path, inputs: list[Path], centre: list[float] | None = None) -> list[dict[str, Any]]:
+    """Per input: `{"input", "prediction", "probabilities": {class: p}}` from an ADAPTED folder."""
+    adapted = Path(adapted)
+    if not (adapted / "adapted.json").is_file():
+        raise InputError(adapted, "not an adapted folder (no adapted.json); run `adapt` first")
+    summary = json.loads((adapted / "adapted.json").read_text())
+    cfg, model, _ = _model(adapted, adapted / "model.safetensors")
+    fitted = {k: v for k, v in load_file(str(adapted / "state.safetensors")).items()}
+    results = []
+    for path in inputs:
+        x = load_item(Path(path), cfg, tuple(summary["item_shape"]), centre)[None]
+        with torch.no_grad():
+            probs = torch.softmax(model.predict(fitted, x).float(), -1)[0]
+        classes = summary["classes"]
+        results.append({"input": str(path), "prediction": classes[int(probs.argmax())],
+                        "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}})
+    return results
+
+
+def format_predictions(results: list[dict[str, Any]]) -> str:
+    """One line per input: predicted class, then every class probability."""
+    if not results:
+        raise FewscanError("no inputs")
+    return "\n".join(f"{r['input']}: {r['prediction']}  " + "  ".join(f"{c}={p:.3f}"
+                                                                      for c, p in r["probabilities"].items())
+                     for r in results)

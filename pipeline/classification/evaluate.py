@@ -1,0 +1,139 @@
+"""Evaluation on the novel classes over a fixed, seeded set of episodes, trained vs untrained."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.classification.data import Items, open_source
+from pipeline.classification.episodes import Episode, evaluation_episodes, split_groups
+from pipeline.classification.train import build_model, episode_batch
+from pipeline.common.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95
+from pipeline.common.progress import progress
+from pipeline.common.report import plot_accuracy, plot_confusion, write_json
+from pipeline.common.run import evaluation_files, load_run_config, load_weights, pick_device, read_split
+
+log = logging.getLogger(__name__)
+
+# Evaluation episodes get their own seed stream, so changing the training schedule never changes them.
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@torch.no_grad()
+def episode_predictions(model: torch.nn.Module, items: Items, episodes: list[Episode], shots: int, queries: int,
+                        device: torch.device, desc: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per episode: query class probabilities `(N*Q, N)` (softmax of the logits) and true local labels `(N*Q,)`.
+
+    Gradient-based methods adapt inside `model(...)` with their own no-outer-graph inference path.
+    """
+    model.eval()
+    out = []
+    for ep in progress(episodes, desc=desc, unit="episode", leave=False):
+        sx, sy, qx, qy = episode_batch(items, ep, shots, queries, device)
+        logits = model(sx, sy, qx, len(ep.classes))
+        out.append((torch.softmax(logits.float(), -1).cpu().numpy(), qy.cpu().numpy()))
+    return out
+
+
+def episode_metrics(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and macro one-vs-rest AUC per episode, each as mean and 95% CI."""
+    per: dict[str, list[float]] = {"accuracy": [], "balanced_accuracy": [], "auc": []}
+    for probs, y in pairs:
+        pred = probs.argmax(-1)
+        per["accuracy"].append(float((pred == y).mean()))
+        per["balanced_accuracy"].append(balanced_accuracy(pred, y, probs.shape[1]))
+        per["auc"].append(macro_auc(probs, y))
+    return {name: mean_ci95(values, bounds=(0.0, 1.0)) for name, values in per.items()}
+
+
+def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None = None,
+             overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate a run directory's trained and untrained weights; writes `report.json` and `accuracy.png`.
+
+    With `episodes_file` (from `python -m pipeline episodes`), exactly those episodes are used (copied into the
+    run as `episodes.json`), so different methods are compared on the same cases. `overrides` (`--set shots=5`)
+    evaluate the same weights another way, into their own files (`evaluation_files`).
+    """
+    cfg = load_run_config(run_dir, overrides)
+    episodes_path, out, suffix = evaluation_files(run_dir, overrides, out)
+    split = read_split(run_dir)
+    device = pick_device(cfg.train.device)
+    ep_cfg = cfg.episodes
+    if not cfg.data.manifest and (run_dir / "manifest.csv").exists():
+        # Re-use the manifest written at training time, so evaluation sees exactly the indexed files.
+        cfg.data.manifest = str(run_dir / "manifest.csv")
+    items = open_source(cfg).items(split["novel"], split_groups(split, "novel"))
+    episodes = evaluation_episodes(cfg, split, items.labels, items.groups, items.ids, episodes_path, episodes_file)
+
+    model = build_model(cfg, n_base=len(split["base"])).to(device)
+    preds = {
+        name: episode_predictions(load_weights(model, run_dir / weights), items, episodes, ep_cfg.shots,
+                                  ep_cfg.queries, device, f"evaluating {name}")
+        for name, weights in [("untrained", "untrained.safetensors"), ("trained", "model.safetensors")]
+    }
+    per_episode = {name: [float((p.argmax(-1) == y).mean()) for p, y in pairs] for name, pairs in preds.items()}
+    chance = 1.0 / ep_cfg.ways
+    names = sorted({c for ep in episodes for c in ep.classes})
+    confusion = _confusion(episodes, preds["trained"], names)
+    report = {
+        "task": cfg.task,
+        "method": cfg.method.name,
+        "encoder": cfg.model.encoder,
+        "episodes": len(episodes),
+        "ways": ep_cfg.ways,
+        "shots": ep_cfg.shots,
+        "queries": ep_cfg.queries,
+        "chance": chance,
+        "classes": split["novel"],
+        "metrics": episode_metrics(preds["trained"]),
+        "untrained": {"metrics": episode_metrics(preds["untrained"])},
+        "per_class": _per_class(episodes, preds["trained"]),
+        "confusion": {"classes": names, "matrix": confusion.tolist()},
+    }
+    write_json(report, out)
+    write_json(report["confusion"], out.with_name(f"confusion{suffix}.json"))
+    plot_confusion(confusion, names, out.with_name(f"confusion{suffix}.png"))
+    plot_accuracy(per_episode, chance, out.with_name(f"accuracy{suffix}.png"))
+    return report
+
+
+def _confusion(episodes: list[Episode], preds: list[tuple[np.ndarray, np.ndarray]], names: list[str]) -> np.ndarray:
+    """Confusion counts over all episodes in terms of the global class names (rows true, columns predicted)."""
+    index = {n: i for i, n in enumerate(names)}
+    total = np.zeros((len(names), len(names)), dtype=np.int64)
+    for ep, (probs, y) in zip(episodes, preds, strict=True):
+        to_global = np.asarray([index[c] for c in ep.classes])
+        total += confusion_matrix(to_global[y], to_global[probs.argmax(-1)], len(names))
+    return total
+
+
+def _per_class(episodes: list[Episode], preds: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """Per novel class: query accuracy (recall) over the episodes that include it, mean and 95% CI."""
+    per: dict[str, list[float]] = {}
+    for ep, (probs, y) in zip(episodes, preds, strict=True):
+        p = probs.argmax(-1)
+        for k, name in enumerate(ep.classes):
+            per.setdefault(name, []).append(float((p[y == k] == k).mean()))
+    return {name: {"recall": mean_ci95(v)} for name, v in sorted(per.items())}
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """A short text table of a classification report."""
+    def row(name: str, m: dict[str, Any]) -> str:
+        lo, hi = m["accuracy"]["ci95"]
+        extra = "".join(f"  {m[k]['mean']:.3f}        " for k in ("balanced_accuracy", "auc") if k in m)
+        return f"  {name:<10} {m['accuracy']['mean']:.3f}     [{lo:.3f}, {hi:.3f}]{extra}".rstrip()
+
+    return "\n".join([
+        f"{report['ways']}-way {report['shots']}-shot on novel classes {report['classes']}, "
+        f"{report['episodes']} episodes (chance {report['chance']:.3f})",
+        "  model      accuracy  95% CI            balanced acc.  macro-AUC",
+        row("untrained", report["untrained"]["metrics"]),
+        row("trained", report["metrics"]),
+    ])
+
+

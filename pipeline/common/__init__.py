@@ -1,0 +1,1 @@
+"""Shared by every task kind: config, run directory, training loop, episodes, splits, metrics, reports."""

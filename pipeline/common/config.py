@@ -1,0 +1,323 @@
+"""Run configuration: YAML files validated into dataclasses, with `--set key=value` overrides.
+
+A config file may name a parent with `extends: other.yaml` (resolved relative to the file); keys are deep-merged.
+An unknown key or a bad value raises `ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from datasets.volume import FewscanError
+from transforms.config import TransformConfig
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+class ConfigError(FewscanError):
+    """Invalid configuration: unknown key, bad value or unreadable file."""
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    """Where the collection is and which columns carry the labels."""
+
+    source: Literal["tcia", "decathlon", "npz", "folder"] = "tcia"
+    root: str = ""  # collection folder (npz: the .npz file); relative paths resolve against the current directory
+    labels: str | None = "findings.csv"  # findings CSV joined onto the series (relative to root)
+    manifest: str | None = None  # an existing manifest CSV; default: index `root` into the run directory
+    label_column: str = "lesion_type"
+    center_columns: list[str] = Field(default_factory=lambda: ["lps_x", "lps_y", "lps_z"])
+    center_frame: Literal["LPS", "RAS"] = "LPS"  # DICOM patient coordinates are LPS
+    npz_parts: list[str] | None = None  # npz with MedMNIST keys: parts to pool (default all of train/val/test)
+    structures: list[str] | None = None  # decathlon: structure names to crop around (default all named labels)
+    min_voxels: int = Field(default=1, ge=1)  # decathlon: a structure smaller than this in a case is skipped
+
+
+@dataclass(config=_STRICT)
+class SplitConfig:
+    """Class holdout: `novel` classes are never seen in training; everything else is `base`."""
+
+    novel: list[str] = Field(default_factory=list)
+    validation: list[str] = Field(default_factory=list)
+    patients: PatientSplitConfig = Field(default_factory=lambda: PatientSplitConfig())
+
+
+@dataclass(config=_STRICT)
+class PatientSplitConfig:
+    """Patient-level split (by group key, seeded): base classes train on `train` patients, validation classes use
+    `validation` patients, novel classes are evaluated on `test` patients. All zero: no patient split."""
+
+    validation: float = Field(default=0.0, ge=0.0, lt=1.0)
+    test: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+
+
+
+
+
+@dataclass(config=_STRICT)
+class EpisodeConfig:
+    """N-way K-shot Q-query episodes."""
+
+    ways: int = Field(default=3, ge=2)
+    shots: int = Field(default=5, ge=1)
+    queries: int = Field(default=5, ge=1)
+    eval_episodes: int = Field(default=200, ge=1)
+    workers: int = Field(default=0, ge=0)  # DataLoader worker processes assembling training episodes
+    prefetch: int = Field(default=2, ge=1)  # episodes each worker prepares ahead
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    """Encoder architecture."""
+
+    encoder: Literal["conv3d", "conv4_2d", "conv4_3d", "resnet10_2d", "resnet18_2d", "resnet10_3d",
+                     "resnet18_3d"] = "conv3d"
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])  # conv3d blocks
+    filters: int = Field(default=64, ge=1)  # conv4_*: width of each of the 4 blocks
+    norm: Literal["group", "batch", "instance"] = "group"  # batch = batch statistics always (no running stats)
+    norm_groups: int = Field(default=8, ge=1)  # GroupNorm: batch-independent, safe for episodic training
+    pool_size: int = Field(default=1, ge=1)  # conv encoders: final average-pooling grid (1 = global pooling)
+    in_channels: int = Field(default=1, ge=1)  # set from the data at training time
+
+
+@dataclass(config=_STRICT)
+class MethodConfig:
+    """Meta-learning algorithm."""
+
+    name: Literal["protonet", "matching", "siamese", "maml", "metasgd", "reptile", "finetune"] = "protonet"
+    distance: Literal["euclidean", "cosine"] = "euclidean"  # protonet
+    inner_steps: int = Field(default=5, ge=0)  # maml / metasgd / reptile: inner steps in meta-training
+    inner_lr: float = Field(default=0.4, gt=0)  # inner step size (metasgd: initial value of the learned ones)
+    eval_inner_steps: int | None = Field(default=None, ge=0)  # at evaluation/adapt (default: inner_steps)
+    first_order: bool = False  # maml / metasgd: drop second-order terms (memory flat in inner_steps)
+    meta_batch: int = Field(default=1, ge=1)  # tasks per optimiser step
+    vmap: bool = False  # maml / metasgd: vectorise the tasks of a meta-batch with torch.func.vmap
+    # maml / metasgd on CPU: tasks of a meta-batch in parallel threads; 0: one per core this process may use
+    task_threads: int = Field(default=1, ge=0)
+    margin: float = Field(default=1.0, gt=0)  # siamese: contrastive margin on unit-normalised embeddings
+    head_steps: int = Field(default=100, ge=1)  # finetune: Adam steps fitting the new head on the support
+    head_lr: float = Field(default=0.01, gt=0)  # finetune: the new head's learning rate
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    """Meta-training schedule."""
+
+    iterations: int = Field(default=300, ge=0)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    ways: int | None = Field(default=None, ge=2)  # training ways (default: episodes.ways)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_every: int = Field(default=25, ge=1)
+    val_every: int = Field(default=50, ge=0)  # validate on the validation classes every N iterations (0: never)
+    val_episodes: int = Field(default=50, ge=1)  # fixed validation episodes
+    patience: int | None = Field(default=None, ge=1)  # early stop after this many validations without gain
+    checkpoint_every: int = Field(default=50, ge=1)  # write RUN_DIR/last every N iterations
+    tensorboard: bool = True  # scalars into RUN_DIR/tensorboard
+
+
+@dataclass(config=_STRICT)
+class SegmentationConfig:
+    """Few-shot segmentation (`task: segmentation`): episodes, prototype network, baselines (pipeline/segmentation/)."""
+
+    mode: Literal["2d", "3d"] = "2d"  # 2d: axial slices, SSL-ALPNet protocol; 3d: volumes / crops
+    supervision: Literal["self", "labels"] = "self"  # self: supervoxel pseudo-structures; labels: training organs
+    method: Literal["proto", "maml"] = "proto"
+    held_out: list[str] = Field(default_factory=list)  # evaluated, never trained on; empty: every labelled one
+    test_patients: float = Field(default=0.3, ge=0, lt=1)  # share of patients kept out of training (0: none)
+    setting: Literal[1, 2] = 1  # 2: training slices/crops that contain a held-out structure are dropped
+    modality: Literal["mr", "ct"] = "mr"  # intensity: MR percentiles 0.5-99.5, CT `window`, both to [0, 1]
+    window: tuple[float, float] = (-200.0, 300.0)
+    spacing: tuple[float, float, float] | None = None  # resample to mm (RAS); None keeps the source grid
+    crop: tuple[int, int, int] = (32, 32, 32)  # 3d training crops and sliding-window size
+    encoder: Literal["unet", "basicunet", "segresnet"] = "unet"  # monai.networks.nets backbone
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64])
+    features: int = Field(default=32, ge=2)
+    local_pool: int = Field(default=4, ge=1)  # adaptive local prototypes: pooling window, feature voxels
+    local_threshold: float = Field(default=0.95, gt=0, le=1)  # share of a window inside the mask to keep it
+    local_max: int = Field(default=256, ge=1)  # at most this many local windows per item (pool grows to fit)
+    scale: float = Field(default=20.0, gt=0)  # cosine-similarity temperature (PANet)
+    supervoxels: Literal["slic", "felzenszwalb"] = "slic"
+    n_supervoxels: int = Field(default=60, ge=2)
+    chunks: int = Field(default=3, ge=1)  # 2d evaluation: support/query slice chunks (SSL-ALPNet)
+    inner_steps: int = Field(default=3, ge=1)  # maml and finetune: steps on the support
+    inner_lr: float = Field(default=0.2, gt=0)  # maml SGD step: 0.01 left the meta-init all background
+    first_order: bool = True
+    finetune_steps: int = Field(default=20, ge=0)
+    baselines: list[Literal["atlas", "finetune"]] = Field(default_factory=lambda: ["finetune"])
+    overlays: int = Field(default=4, ge=0)  # overlay PNGs written by evaluate
+    threads: int = Field(default=0, ge=0)  # torch CPU threads for segmentation train/evaluate; 0: torch's default
+
+
+@dataclass(config=_STRICT)
+class RegistrationConfig:
+    """Few-shot deformable registration (`task: registration`): pairs, network, losses, meta-learning.
+
+    Pairs come from `data.root` (a Decathlon folder) and `extra_roots` (more anatomies/modalities for
+    meta-training only); preprocessing is `transforms` (set `volume_size` so every volume shares one grid).
+    """
+
+    pairing: Literal["inter", "intra"] = "inter"  # moving and fixed from different patients, or the same one
+    patient_regex: str | None = None  # first group of this regex on the case id = the patient; None: one per case
+    image_channels: list[int] | None = None  # multi-channel images: channels used (one task each); None: all
+    extra_roots: list[str] = Field(default_factory=list)  # more Decathlon folders: meta-training tasks only
+    test_patients: float = Field(default=0.3, gt=0, lt=1)  # share of data.root patients held out of training
+    adapt_patients: int = Field(default=3, ge=0)  # held-out patients whose pairs adapt to the new task
+    train_pairs: int = Field(default=400, ge=1)  # fixed pool of training pairs
+    pairs_per_task: int = Field(default=4, ge=1)  # pairs sharing one fixed image: one meta-training task
+    eval_pairs: int = Field(default=20, ge=1)
+    adapt_pairs: int = Field(default=6, ge=0)
+    prealign: Literal["none", "globalnet", "sitk"] = "globalnet"  # affine stage before the deformable network
+    network: Literal["localnet", "regunet", "voxelmorph"] = "localnet"  # monai.networks.nets
+    features: int = Field(default=16, ge=2)  # channels of the first level (>= 16 keeps CPU convs on oneDNN)
+    levels: int = Field(default=3, ge=2)  # resolution levels (volume_size divisible by 2**levels with half_res)
+    half_res: bool = True  # network sees 2x-downsampled images, its field is upsampled (8x less compute)
+    diffeomorphic: bool = False  # network outputs a velocity field, integrated by DVF2DDF
+    integration_steps: int = Field(default=7, ge=1)
+    similarity: Literal["lncc", "mi"] = "lncc"  # local normalised cross-correlation, or global mutual information
+    lncc_kernel: int = Field(default=7, ge=3)
+    regulariser: Literal["bending", "diffusion"] = "bending"
+    reg_weight: float = Field(default=1.0, ge=0)
+    dice_weight: float = Field(default=1.0, ge=0)  # weak supervision by warped labels when pairs have them
+    meta: Literal["reptile", "joint"] = "reptile"  # joint: plain training on all pairs (the ablation)
+    inner_steps: int = Field(default=3, ge=1)  # Reptile: Adam steps on one task before the meta-update
+    meta_lr: float = Field(default=0.5, gt=0, le=1)  # Reptile outer step towards the adapted weights
+    adapt_steps: int = Field(default=20, ge=0)  # test time: steps on the new task's adaptation pairs
+    adapt_lr: float = Field(default=1e-4, gt=0)
+    instance_steps: int = Field(default=0, ge=0)  # test time: unsupervised steps on each evaluated pair
+    instance_lr: float = Field(default=1e-4, gt=0)
+    baseline: Literal["affine+demons", "affine+bspline", "none"] = "affine+demons"  # SimpleITK, same pairs
+    baseline_affine: bool = True  # also report SimpleITK affine alone
+
+
+@dataclass(config=_STRICT)
+class Config:
+    """A whole run: data, split, preprocessing, episodes, model, method and schedule."""
+
+    task: Literal["classification", "segmentation", "registration"] = "classification"
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    transforms: TransformConfig = Field(default_factory=TransformConfig)
+    episodes: EpisodeConfig = Field(default_factory=EpisodeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    segmentation: SegmentationConfig = Field(default_factory=SegmentationConfig)
+    registration: RegistrationConfig = Field(default_factory=RegistrationConfig)
+
+
+# Short names users type on the command line (`--set shots=1`).
+ALIASES: dict[str, str] = {"shots": "episodes.shots", "ways": "episodes.ways", "queries": "episodes.queries"}
+
+_ADAPTER = TypeAdapter(Config)
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping, resolving `extends:` chains (deep merge, child wins)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'extends'")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return deep_merge(_read_yaml(path.parent / str(parent), (*seen, path)), raw)
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Return `base` updated by `over`, merging nested mappings key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# What `evaluate --set` may change: how a run is evaluated, never what was trained (model, method, data, split).
+EVAL_KEYS = ("episodes.shots", "episodes.queries", "episodes.ways", "episodes.eval_episodes", "seed")
+EVAL_RUNTIME_KEYS = ("train.device", "train.threads")  # change no number, so no separate report
+
+
+def evaluation_tag(overrides: list[str]) -> str:
+    """Check `evaluate --set` items against `EVAL_KEYS`; return the tag of the files such an evaluation writes.
+
+    The tag (e.g. `shots5_queries10`, empty when only runtime keys change) names the episode set and report
+    written beside the run's own, so one trained run can be scored at several K.
+
+    Raises:
+        ConfigError: a key outside `EVAL_KEYS` + `EVAL_RUNTIME_KEYS`, or an item without `=`.
+    """
+    tag = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key = ALIASES.get(key, key)
+        if key not in EVAL_KEYS + EVAL_RUNTIME_KEYS:
+            raise ConfigError(f"evaluate --set {key}: only {', '.join(EVAL_KEYS + EVAL_RUNTIME_KEYS)} can change "
+                              "after training (the weights belong to the rest of the run's config)")
+        if key in EVAL_KEYS:
+            tag.append(f"{key.rsplit('.', 1)[-1].replace('eval_', '')}{text.strip()}")
+    return "_".join(tag)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings (values parsed as YAML: numbers, lists, null) to a raw mapping."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key = ALIASES.get(key, key)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw mapping into a `Config`; the first problem becomes a one-line `ConfigError`."""
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            raise ConfigError(f"{source}: unknown key '{key}'") from None
+        raise ConfigError(f"{source}: bad value for '{key}': {first['msg']} (got {first['input']!r})") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load, merge `extends`, apply `--set` overrides and validate a YAML config file."""
+    raw = apply_overrides(_read_yaml(Path(path)), overrides or [])
+    return validate(raw, source=str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain JSON/YAML-ready mapping of a config (for the run directory)."""
+    return _ADAPTER.dump_python(cfg, mode="json")

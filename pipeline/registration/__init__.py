@@ -1,0 +1,1 @@
+"""The registration task kind; `task.py` is the protocol `python -m pipeline` dispatches on."""

@@ -1,0 +1,185 @@
+"""Learned deformable registration: MONAI networks and losses, Reptile meta-learning, test-time adaptation.
+
+The network maps a (moving, fixed) pair to a DDF in voxel units of the fixed grid (see `pipeline.deformation`).
+Normalisation policy: MONAI's registration networks use BatchNorm; training and adaptation steps run in train mode
+(batch statistics), prediction in eval mode (running statistics). Reptile interpolates the running statistics
+like the weights, so the meta-initialisation carries statistics that match it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.losses import (
+    BendingEnergyLoss,
+    DiceLoss,
+    DiffusionLoss,
+    GlobalMutualInformationLoss,
+    LocalNormalizedCrossCorrelationLoss,
+)
+from monai.networks.blocks import DVF2DDF
+from monai.networks.nets import GlobalNet, LocalNet, RegUNet, VoxelMorphUNet
+from torch import Tensor, nn
+
+from pipeline.common.config import RegistrationConfig
+from pipeline.registration.deformation import warp
+from pipeline.registration.episodes import Batch
+
+GLOBALNET_LR_SCALE = 0.01
+
+
+def _deformable(rcfg: RegistrationConfig) -> nn.Module:
+    """The MONAI network predicting a 3-channel field from the 2-channel (moving, fixed) input."""
+    levels = tuple(range(rcfg.levels))
+    if rcfg.network == "localnet":
+        # zero-initialised output: training starts from the identity transform
+        return LocalNet(spatial_dims=3, in_channels=2, num_channel_initial=rcfg.features, extract_levels=levels,
+                        out_activation=None, out_kernel_initializer="zeros")
+    if rcfg.network == "regunet":
+        return RegUNet(spatial_dims=3, in_channels=2, num_channel_initial=rcfg.features, depth=rcfg.levels - 1,
+                       out_activation=None, out_kernel_initializer="zeros", extract_levels=levels)
+    chans = [rcfg.features * 2**i for i in range(rcfg.levels)]
+    net = VoxelMorphUNet(spatial_dims=3, in_channels=2, unet_out_channels=rcfg.features,
+                         channels=[c for c in chans for _ in range(2)][: 2 * rcfg.levels],
+                         final_conv_channels=[rcfg.features, rcfg.features])
+    last = [m for m in net.modules() if isinstance(m, nn.Conv3d)][-1]
+    nn.init.zeros_(last.weight)  # start from the identity, like the zero-initialised MONAI heads
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(net, nn.Conv3d(rcfg.features, 3, 1)) if last.out_channels != 3 else net
+
+
+class RegistrationNet(nn.Module):
+    """(moving, fixed) -> DDF `(B, 3, *S)`: optional GlobalNet affine stage, then the deformable network.
+
+    With `half_res` both networks see 2x average-pooled images and the field is upsampled (and its vectors
+    doubled); losses are always computed at full resolution.
+    """
+
+    def __init__(self, rcfg: RegistrationConfig, image_size: Sequence[int]) -> None:
+        super().__init__()
+        self.half = rcfg.half_res
+        self.image_size = tuple(int(v) for v in image_size)
+        factor = 2 ** (rcfg.levels - 1) * (2 if self.half else 1)
+        if any(s % factor for s in image_size):
+            raise ValueError(f"volume size {list(image_size)} must be divisible by {factor} "
+                             f"(registration.levels={rcfg.levels}, half_res={rcfg.half_res})")
+        size = [s // 2 for s in image_size] if self.half else list(image_size)
+        self.globalnet = (GlobalNet(image_size=size, spatial_dims=3, in_channels=2, num_channel_initial=rcfg.features,
+                                    depth=rcfg.levels - 1) if rcfg.prealign == "globalnet" else None)
+        self.local = _deformable(rcfg)
+        self.integrate = DVF2DDF(num_steps=rcfg.integration_steps) if rcfg.diffeomorphic else None
+
+    def forward(self, moving: Tensor, fixed: Tensor) -> Tensor:
+        """Moving and fixed `(B, 1, *S)` -> DDF `(B, 3, *S)` in voxel units (`warped(x) = moving(x + ddf(x))`)."""
+        full = moving.shape[2:]
+        m, f = (F.avg_pool3d(moving, 2), F.avg_pool3d(fixed, 2)) if self.half else (moving, fixed)
+        affine = None
+        if self.globalnet is not None:
+            affine = self.globalnet(torch.cat([m, f], 1))
+            m = warp(m, affine)
+        ddf = self.local(torch.cat([m, f], 1))
+        if self.integrate is not None:
+            ddf = self.integrate(ddf)  # stationary velocity field -> diffeomorphic DDF (scaling and squaring)
+        if affine is not None:
+            ddf = ddf + warp(affine, ddf)  # composition: x -> x + d(x) + a(x + d(x))
+        if self.half:
+            ddf = F.interpolate(ddf, size=full, mode="trilinear", align_corners=True) * 2.0
+        return ddf
+
+
+class Losses:
+    """Image similarity + field regularisation + optional Dice of warped labels (weak supervision)."""
+
+    def __init__(self, rcfg: RegistrationConfig, n_labels: int) -> None:
+        self.rcfg = rcfg
+        self.n_labels = n_labels
+        lncc = rcfg.similarity == "lncc"
+        self.similarity = LocalNormalizedCrossCorrelationLoss(kernel_size=rcfg.lncc_kernel) if lncc else (
+            GlobalMutualInformationLoss())
+        self.regulariser = BendingEnergyLoss() if rcfg.regulariser == "bending" else DiffusionLoss()
+        self.dice = DiceLoss(include_background=False, softmax=False)
+
+    def __call__(self, ddf: Tensor, batch: Batch, labels: bool = True) -> dict[str, Tensor]:
+        """Loss terms and their weighted `total`; labels are used only when both sides have them and `labels`."""
+        moving, fixed, ml, fl = batch
+        out = {"similarity": self.similarity(warp(moving, ddf), fixed), "regulariser": self.regulariser(ddf)}
+        total = out["similarity"] + self.rcfg.reg_weight * out["regulariser"]
+        if labels and ml is not None and fl is not None and self.rcfg.dice_weight > 0 and self.n_labels > 1:
+            onehot = F.one_hot(ml[:, 0].long(), self.n_labels).permute(0, 4, 1, 2, 3).float()
+            target = F.one_hot(fl[:, 0].long(), self.n_labels).permute(0, 4, 1, 2, 3).float()
+            out["dice"] = self.dice(warp(onehot, ddf), target)  # soft warp of one-hot labels: differentiable
+            total = total + self.rcfg.dice_weight * out["dice"]
+        out["total"] = total
+        return out
+
+
+def optimiser(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam; GlobalNet's affine head (a linear layer with a very large fan-in) gets `lr * GLOBALNET_LR_SCALE`, or
+    its affine explodes within a few steps (MONAI's registration tutorials train it at ~1e-5)."""
+    affine = [p for n, p in model.named_parameters() if n.startswith("globalnet.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("globalnet.")]
+    groups = [{"params": rest, "lr": lr}] + ([{"params": affine, "lr": lr * GLOBALNET_LR_SCALE}] if affine else [])
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def train_steps(model: nn.Module, losses: Losses, batches: Callable[[], Batch], steps: int,
+                opt: torch.optim.Optimizer, labels: bool = True) -> list[float]:
+    """`steps` optimiser steps on batches drawn from `batches()`; returns the total loss of each step."""
+    model.train()
+    history = []
+    for _ in range(steps):
+        batch = batches()
+        terms = losses(model(batch[0], batch[1]), batch, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        opt.step()
+        history.append(float(terms["total"].detach()))
+    return history
+
+
+def reptile_step(model: nn.Module, losses: Losses, batches: Callable[[], Batch], inner_steps: int, lr: float,
+                 meta_lr: float, inner_state: dict | None = None) -> tuple[float, dict]:
+    """One Reptile meta-iteration on one task: adapt a copy with Adam, move `model` toward it.
+
+    `theta <- theta + meta_lr * (phi - theta)` for every float tensor of the state (weights and BatchNorm running
+    statistics); memory stays that of one model copy, whatever `inner_steps`.
+    The inner Adam's moment estimates are carried from task to task (`inner_state`): a fresh Adam takes
+    near-constant-size first steps whatever the gradient, which made meta-training on registration losses noisy
+    and slow to converge in our measurements (benchmarks/README.md); with `meta_lr=1` this is plain training.
+
+    Returns:
+        The mean inner-loop loss and the inner optimiser state to pass to the next call.
+    """
+    fast = copy.deepcopy(model)
+    opt = optimiser(fast, lr)
+    if inner_state is not None:
+        opt.load_state_dict(inner_state)
+    history = train_steps(fast, losses, batches, inner_steps, opt)
+    with torch.no_grad():
+        new = fast.state_dict()
+        for name, value in model.state_dict().items():
+            if value.is_floating_point():
+                value.add_(new[name] - value, alpha=meta_lr)
+            else:
+                value.copy_(new[name])  # counters such as num_batches_tracked
+    return sum(history) / len(history), opt.state_dict()
+
+
+def adapted(model: nn.Module, losses: Losses, batches: Callable[[], Batch], steps: int, lr: float,
+            labels: bool = True) -> nn.Module:
+    """A copy of `model` fine-tuned for `steps` Adam steps (test-time adaptation, instance optimisation)."""
+    fast = copy.deepcopy(model)
+    if steps:
+        train_steps(fast, losses, batches, steps, optimiser(fast, lr), labels=labels)
+    fast.eval()
+    return fast
+
+
+@torch.no_grad()
+def predict(model: nn.Module, moving: Tensor, fixed: Tensor) -> Tensor:
+    """DDF `(B, 3, *S)` of pairs `(B, 1, *S)` in eval mode, no graph."""
+    model.eval()
+    return model(moving, fixed)

@@ -1,0 +1,1 @@
+"""The segmentation task kind; `task.py` is the protocol `python -m pipeline` dispatches on."""

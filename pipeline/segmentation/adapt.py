@@ -1,0 +1,158 @@
+"""Segmentation `adapt` and `predict`: fit a trained segmentation run to a new structure from a few labelled
+scans (prototypes, or MAML-adapted weights), then segment new images, written as NIfTI and DICOM-SEG.
+
+Adapted folder: `adapted.json` (structure, support files, method), the run's config, and the fitted state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from datasets.volume import InputError, Volume, atomic_path
+from pipeline.common.report import write_json
+from pipeline.common.run import load_run_config, load_weights
+from pipeline.segmentation.evaluate import axial_slices, foreground_slices, run_learned
+from pipeline.segmentation.train import build_model
+
+log = logging.getLogger(__name__)
+
+
+# --- adapt / predict ----------------------------------------------------------------------------------
+def read_seg_support(spec: Path) -> list[tuple[Path, Path]]:
+    """`image,label` rows of a support CSV (paths relative to the CSV); image: NIfTI or DICOM series folder,
+    label: label-map NIfTI, DICOM-SEG or RTSTRUCT of that image."""
+
+    spec = Path(spec)
+    try:
+        rows = list(csv.DictReader(spec.read_text().splitlines()))
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(spec, f"cannot read the support CSV ({err})") from None
+    if not rows or not {"image", "label"} <= set(rows[0]):
+        raise InputError(spec, "a segmentation support CSV needs rows with columns 'image,label'")
+    return [(spec.parent / r["image"], spec.parent / r["label"]) for r in rows]
+
+
+def _load_image(path: Path) -> Volume:
+    from datasets.volume_io import load_volume
+
+    return load_volume(Path(path))
+
+
+def _structure_mask(label: Volume, structure: str | None, where: Path) -> np.ndarray:
+    """Binary mask of `structure` (a name from the label table, or a value); any non-zero label when None."""
+    arr = np.asarray(label.array)
+    arr = arr.any(axis=-1) if arr.ndim == 4 else arr
+    if structure is None:
+        return arr > 0
+    table = label.meta.get("label_names") or {}
+    decathlon = Path(where).parent.parent / "dataset.json"  # a Decathlon labelsTr/ file: names in dataset.json
+    if not table and decathlon.is_file():
+        from datasets.sources import read_label_names
+
+        table = read_label_names(decathlon)
+    names = {str(n): int(v) for v, n in table.items()}
+    value = names.get(structure, int(structure) if structure.isdigit() else None)
+    if value is None:
+        raise InputError(where, f"no structure {structure!r} in the labels (names: {sorted(names)})")
+    return arr == value
+
+
+def adapt(run_dir: Path, support: Path, out: Path, structure: str | None = None) -> dict[str, Any]:
+    """Fit a trained segmentation run to one structure from K labelled scans; writes the ADAPTED folder.
+
+    Proto: the support prototypes (`prototypes.safetensors`); MAML: the adapted weights (`fast.safetensors`).
+    """
+
+
+    from datasets.labels import load_labels
+    from pipeline.segmentation.data import make_case
+    from pipeline.segmentation.maml import adapt_maml
+    from pipeline.segmentation.proto import support_prototypes
+
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_run_config(run_dir)
+    scfg = cfg.segmentation
+    images, masks = [], []
+    for image_path, label_path in read_seg_support(support):
+        image = _load_image(image_path)
+        label = load_labels(label_path, reference=image_path, image=image, mismatch="resample")
+        mask = Volume(_structure_mask(label, structure, label_path).astype(np.uint8), label.affine)
+        case = make_case("support", image, mask, {1: "structure"}, scfg, str(image_path))
+        if not case.label.any():
+            raise InputError(label_path, f"structure {structure or '(any)'} is empty in this support scan")
+        m = case.label > 0
+        if scfg.mode == "2d":
+            images.append(axial_slices(case.image, foreground_slices(m)))
+            masks.append(axial_slices(m.astype(np.float32), foreground_slices(m)))
+        else:
+            images.append(torch.from_numpy(case.image)[None, None])
+            masks.append(torch.from_numpy(m.astype(np.float32))[None, None])
+    model = load_weights(build_model(cfg), run_dir / "model.safetensors").eval()
+    if scfg.method == "proto":
+        with torch.no_grad():
+            bg, fg = support_prototypes(model, images, masks, tuple(scfg.crop) if scfg.mode == "3d" else None)
+        state, name = {"bg": bg, "fg": fg}, "prototypes.safetensors"
+    else:
+        state, name = adapt_maml(model, scfg, images, masks, cfg.seed), "fast.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
+    with atomic_path(out / "model.safetensors") as tmp:
+        shutil.copyfile(run_dir / "model.safetensors", tmp)
+    with atomic_path(out / name) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+    summary = {"task": "segmentation", "method": scfg.method, "mode": scfg.mode, "structure": structure or "mask",
+               "shots": len(images)}
+    write_json(summary, out / "adapted.json")
+    return summary
+
+
+def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Segment each input scan; writes `pred_NN.nii.gz` in the input's own geometry and, for a DICOM series
+    input, `pred_NN_seg.dcm` (DICOM-SEG referencing that series)."""
+
+    import nibabel as nib
+
+    from pipeline.segmentation.data import make_case
+    from pipeline.segmentation.maml import maml_predictor
+    from pipeline.segmentation.output import mask_to_source, write_dicom_seg, write_nifti_mask
+    from pipeline.segmentation.proto import proto_predictor
+
+    adapted, out = Path(adapted), Path(out)
+    info = json.loads((adapted / "adapted.json").read_text())
+    cfg = load_run_config(adapted)
+    scfg = cfg.segmentation
+    model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
+    roi = tuple(scfg.crop) if scfg.mode == "3d" else None
+    if scfg.method == "proto":
+        state = load_file(str(adapted / "prototypes.safetensors"))
+        predictor = proto_predictor(model, state["bg"], state["fg"], roi)
+    else:
+        predictor = maml_predictor(model, scfg, load_file(str(adapted / "fast.safetensors")))
+    results = []
+    for i, path in enumerate(inputs):
+        path = Path(path)
+        image = _load_image(path)
+        case = make_case(f"input{i}", image, None, {}, scfg, str(path))
+        mask = run_learned(lambda xs, ms: predictor, scfg.mode, [], case.image, None, 1, True)
+        is_nifti = path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
+        source = nib.load(str(path)) if is_nifti else image.to_nifti()
+        nifti = out / f"pred_{i:02d}.nii.gz"
+        write_nifti_mask(mask_to_source(mask, case.affine, source), source.affine, nifti)
+        row = {"input": str(path), "nifti": str(nifti), "voxels": int(mask.sum())}
+        if image.meta.get("series_uid"):
+            from datasets.dicom import read_series
+
+            _, _, datasets = read_series(path, image.meta["series_uid"])
+            row["dicom_seg"] = str(out / f"pred_{i:02d}_seg.dcm")
+            write_dicom_seg(mask, case.affine, list(datasets.values()), info["structure"], Path(row["dicom_seg"]))
+        results.append(row)
+    return results
