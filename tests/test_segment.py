@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["train.iterations=3", "train.log_every=1", "episodes.eval_episodes=1", "segmentation.finetune_steps=2",
         "segmentation.channels=[8, 16]", "segmentation.features=8", "segmentation.crop=[16, 16, 16]",
         "segmentation.test_patients=0.5", "segmentation.n_supervoxels=20", "segmentation.overlays=1",
-        "segmentation.threads=1"]
+        "train.threads=1"]
 
 
 @pytest.fixture(scope="module")

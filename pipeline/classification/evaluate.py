@@ -15,7 +15,7 @@ from pipeline.classification.train import build_model, episode_batch
 from pipeline.common.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95
 from pipeline.common.progress import progress
 from pipeline.common.report import plot_accuracy, plot_confusion, write_json
-from pipeline.common.run import evaluation_files, load_run_config, load_weights, pick_device, read_split
+from pipeline.common.run import evaluation_files, load_run_config, load_weights, pick_device, read_split, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     evaluate the same weights another way, into their own files (`evaluation_files`).
     """
     cfg = load_run_config(run_dir, overrides)
+    set_threads(cfg)
     episodes_path, out, suffix = evaluation_files(run_dir, overrides, out)
     split = read_split(run_dir)
     device = pick_device(cfg.train.device)

@@ -33,7 +33,14 @@ from pipeline.common.config import Config, to_dict
 from pipeline.common.episodes import episode_loader
 from pipeline.common.progress import progress
 from pipeline.common.report import plot_curves, write_json
-from pipeline.common.run import load_checkpoint, pick_device, save_checkpoint, save_weights, seed_everything
+from pipeline.common.run import (
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+    save_weights,
+    seed_everything,
+    set_threads,
+)
 from pipeline.nn.encoders import build_encoder
 from pipeline.nn.inner import threaded_task_grads
 
@@ -154,6 +161,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    set_threads(cfg)
 
     source = open_source(cfg, run_dir if world.main else None)
     split = json.loads((run_dir / "split.json").read_text()) if resuming else source_split(cfg, source)

@@ -121,6 +121,7 @@ class TrainConfig:
     patience: int | None = Field(default=None, ge=1)  # early stop after this many validations without gain
     checkpoint_every: int = Field(default=50, ge=1)  # write RUN_DIR/last every N iterations
     tensorboard: bool = True  # scalars into RUN_DIR/tensorboard
+    threads: int = Field(default=0, ge=0)  # torch and SimpleITK CPU threads for train/evaluate; 0: their defaults
 
 
 @dataclass(config=_STRICT)
@@ -153,7 +154,6 @@ class SegmentationConfig:
     finetune_steps: int = Field(default=20, ge=0)
     baselines: list[Literal["atlas", "finetune"]] = Field(default_factory=lambda: ["finetune"])
     overlays: int = Field(default=4, ge=0)  # overlay PNGs written by evaluate
-    threads: int = Field(default=0, ge=0)  # torch CPU threads for segmentation train/evaluate; 0: torch's default
 
 
 @dataclass(config=_STRICT)

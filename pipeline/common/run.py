@@ -110,3 +110,16 @@ def read_split(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "split.json").read_text())
 
 
+def set_threads(cfg: Config) -> None:
+    """Apply `train.threads` to torch and SimpleITK (the classical baselines get the same CPU budget); 0 keeps both
+    libraries' defaults.
+
+    Small 2D nets on a CPU shared with other jobs ran ~10x faster on 1 thread than on 2 (thread spin-waiting,
+    benchmarks/README.md).
+    """
+    if cfg.train.threads:
+        import SimpleITK as sitk
+
+        torch.set_num_threads(cfg.train.threads)
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cfg.train.threads)
+

@@ -17,7 +17,7 @@ import torch
 
 from datasets.volume import FewscanError
 from pipeline.common.report import write_json
-from pipeline.common.run import load_run_config, load_weights, seed_everything
+from pipeline.common.run import load_run_config, load_weights, seed_everything, set_threads
 from pipeline.registration.deformation import warp_array
 from pipeline.registration.episodes import (
     PairData,
@@ -131,6 +131,7 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    set_threads(cfg)
     rcfg = cfg.registration
     seed_everything(cfg.seed)
     pairs = json.loads((run_dir / "pairs.json").read_text())

@@ -19,7 +19,7 @@ from pipeline.common.config import Config, to_dict
 from pipeline.common.episodes import episode_loader
 from pipeline.common.progress import progress
 from pipeline.common.report import write_json
-from pipeline.common.run import save_weights, seed_everything
+from pipeline.common.run import save_weights, seed_everything, set_threads
 from pipeline.registration.episodes import (
     SPLITS,
     PairData,
@@ -56,6 +56,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
+    set_threads(cfg)
     rcfg = cfg.registration
     with atomic_path(run_dir / "config.yaml") as tmp:
         tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -26,10 +26,10 @@ from pipeline.common.config import Config
 from pipeline.common.metrics import dice_hd95, mean_ci95
 from pipeline.common.progress import progress
 from pipeline.common.report import plot_dice_boxes, plot_overlay, write_json
-from pipeline.common.run import evaluation_files, load_run_config, load_weights
+from pipeline.common.run import evaluation_files, load_run_config, load_weights, set_threads
 from pipeline.segmentation.data import Case, load_cases
 from pipeline.segmentation.episodes import fixed_episodes, role_ids
-from pipeline.segmentation.train import build_model, set_threads
+from pipeline.segmentation.train import build_model
 
 log = logging.getLogger(__name__)
 

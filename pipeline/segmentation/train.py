@@ -21,7 +21,7 @@ from pipeline.common.config import Config, to_dict
 from pipeline.common.episodes import episode_loader
 from pipeline.common.progress import progress
 from pipeline.common.report import write_json
-from pipeline.common.run import save_weights, seed_everything
+from pipeline.common.run import save_weights, seed_everything, set_threads
 from pipeline.segmentation.data import load_cases, split_patients, split_structures
 from pipeline.segmentation.episodes import SegEpisodes, precompute_supervoxels
 
@@ -36,18 +36,6 @@ def build_model(cfg: Config) -> nn.Module:
     torch.manual_seed(cfg.seed)
     return build_proto_seg(cfg.segmentation) if cfg.segmentation.method == "proto" else build_maml_unet(
         cfg.segmentation)
-
-
-def set_threads(cfg: Config) -> None:
-    """Apply `segmentation.threads` to torch and SimpleITK (the atlas baseline gets the same CPU budget).
-
-    Small 2D nets on a CPU shared with other jobs ran ~10x faster on 1 thread than on 2 (thread spin-waiting).
-    """
-    if cfg.segmentation.threads:
-        import SimpleITK as sitk
-
-        torch.set_num_threads(cfg.segmentation.threads)
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cfg.segmentation.threads)
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False) -> Path:
