@@ -204,24 +204,41 @@ def organ_patches(
     wanted = set(structures) if structures is not None else None
     found: dict[str, list[tuple[np.ndarray, str, np.ndarray, int]]] = {}  # name -> (patches, group, centres, subj)
     for si, subject in enumerate(subjects):
-        image, labels, affine = _prepared(subject, spacing, ct_window)
-        padded = np.pad(image, ((size, size), (size, size), (0, 0)))
-        depth = np.arange(image.shape[2]) * float(np.linalg.norm(affine[:3, 2]))  # mm above the first slice
-        slab_of = ((depth + 1e-6) // slab_mm).astype(int) if slab_mm else np.zeros(image.shape[2], int)
-        for value, name in sorted(subject.names.items()):
-            if value == 0 or (wanted is not None and name not in wanted):
+        for name, part in _subject_patches(subject, si, size, spacing, slab_mm, per_group, min_voxels, wanted,
+                                           ct_window, seed):
+            found.setdefault(name, []).append(part)
+    return _assemble(found, min_groups, slab_mm, [s.modality for s in subjects])
+
+
+def _subject_patches(subject: Subject, si: int, size: int, spacing: float, slab_mm: float | None, per_group: int,
+                     min_voxels: int, wanted: set[str] | None, ct_window: str,
+                     seed: int) -> list[tuple[str, tuple[np.ndarray, str, np.ndarray, int]]]:
+    """One subject's patches: `(structure, (patches (n, size, size), group, centres (n, 3) RAS mm, si))` per slab."""
+    image, labels, affine = _prepared(subject, spacing, ct_window)
+    padded = np.pad(image, ((size, size), (size, size), (0, 0)))
+    depth = np.arange(image.shape[2]) * float(np.linalg.norm(affine[:3, 2]))  # mm above the first slice
+    slab_of = ((depth + 1e-6) // slab_mm).astype(int) if slab_mm else np.zeros(image.shape[2], int)
+    out = []
+    for value, name in sorted(subject.names.items()):
+        if value == 0 or (wanted is not None and name not in wanted):
+            continue
+        for slab in np.unique(slab_of):
+            ks = np.flatnonzero(slab_of == slab)
+            voxels = np.argwhere(labels[:, :, ks] == value)
+            if len(voxels) < min_voxels:
                 continue
-            for slab in np.unique(slab_of):
-                ks = np.flatnonzero(slab_of == slab)
-                voxels = np.argwhere(labels[:, :, ks] == value)
-                if len(voxels) < min_voxels:
-                    continue
-                rng = np.random.default_rng([seed, si, value, int(slab)])
-                pick = voxels[np.sort(rng.choice(len(voxels), min(per_group, len(voxels)), replace=False))]
-                pick[:, 2] = ks[pick[:, 2]]
-                patches = np.stack([_axial_patch(padded, i, j, k, size) for i, j, k in pick])
-                centres = (affine @ np.c_[pick, np.ones(len(pick))].T)[:3].T
-                found.setdefault(name, []).append((patches, f"s{si}/z{int(slab):02d}", centres, si))
+            rng = np.random.default_rng([seed, si, value, int(slab)])
+            pick = voxels[np.sort(rng.choice(len(voxels), min(per_group, len(voxels)), replace=False))]
+            pick[:, 2] = ks[pick[:, 2]]
+            patches = np.stack([_axial_patch(padded, i, j, k, size) for i, j, k in pick])
+            centres = (affine @ np.c_[pick, np.ones(len(pick))].T)[:3].T
+            out.append((name, (patches, f"s{si}/z{int(slab):02d}", centres, si)))
+    return out
+
+
+def _assemble(found: dict[str, list[tuple[np.ndarray, str, np.ndarray, int]]], min_groups: int,
+              slab_mm: float | None, modalities: list[str]) -> PatchSet:
+    """Keep structures present in at least `min_groups` groups and stack their patches into a `PatchSet`."""
     counts = {name: len({g for _, g, _, _ in parts}) for name, parts in found.items()}
     kept = sorted(n for n, c in counts.items() if c >= min_groups)
     dropped = {n: c for n, c in sorted(counts.items()) if c < min_groups}
@@ -240,7 +257,7 @@ def organ_patches(
         groups=np.repeat([g for _, g, *_ in parts], sizes),
         centres=np.concatenate([c for _, _, c, _, _ in parts]).astype(np.float32),
         subjects=np.repeat([s for _, _, _, s, _ in parts], sizes).astype(np.int16),
-        modalities=[s.modality for s in subjects],
+        modalities=modalities,
     )
 
 
