@@ -5,6 +5,8 @@ Why: profiling `load_series` on a 100-slice uncompressed CT series showed ~0.5 m
 when the geometry is read, together more than SimpleITK's whole load. The loader needs ~35 attributes, so this
 module reads each file once, walks its elements with `struct` (skipping sequences and everything it does not
 need), converts only those attributes, and keeps the offset of the pixel bytes for `numpy.frombuffer`.
+`benchmarks/bench_load.py` measures the result: a 100-slice uncompressed CT series loads 2.0x as fast as with
+SimpleITK and 6.8x as fast as with MONAI's PydicomReader (benchmarks/README.md, Loading).
 
 It is deliberately narrow: whenever a file is anything but the plain case, `read_header` returns None and the
 caller parses it with pydicom as before. Handed back to pydicom: no ``DICM`` preamble, any transfer syntax other
