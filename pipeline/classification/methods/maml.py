@@ -1,25 +1,8 @@
-"""Functional inner loop for gradient-based meta-learning, reusable over any `nn.Module` and any loss.
+"""MAML (second or first order) over any encoder, on the functional inner loop of `pipeline/nn/inner.py`.
 
-MAML, Meta-SGD and Reptile here, and the segmentation/registration learners elsewhere, all adapt a *dict* of
-parameters rather than the module itself, so the module is never copied and the outer graph stays explicit:
-
-    params = dict(model.named_parameters())           # the meta-parameters (leaves of the outer graph)
-    def loss_fn(p):                                    # any scalar loss of the parameters
-        return F.cross_entropy(call(model, p, support_x), support_y)
-    fast = adapt(params, loss_fn, steps=5, lr=0.4)                       # second-order (differentiable)
-    fast = adapt(params, loss_fn, steps=5, lr=0.4, first_order=True)     # first-order: no graph through grads
-    fast = adapt(params, loss_fn, steps=5, lr=lrs)                       # Meta-SGD: lr is a dict of tensors
-    fast = adapt_inference(params, loss_fn, steps=5, lr=0.4)             # evaluation: no outer graph at all
-    query_loss = F.cross_entropy(call(model, fast, query_x), query_y)
-    query_loss.backward()                              # meta-gradients land in model.parameters().grad
-
-`call(model, params, *args)` is `torch.func.functional_call` with the module's buffers filled in.
-`adapt` uses `torch.autograd.grad`; `create_graph` is True for second order (the step `p - lr * g` stays
-differentiable in `p`, `g` and `lr`), False for first order (gradients are detached, so memory stays flat in the
-number of steps; the fast weights still depend on `p` and on a learned `lr`). `adapt_functional` is the same loop
-written with `torch.func.grad` so it composes with `torch.func.vmap` over the tasks of a meta-batch (see
-`vmap_task_losses`); with BatchNorm in batch-statistics mode, vmap's second-order gradients are wrong on torch
-2.13 (use GroupNorm, or the per-task loop), which `tests/test_maml.py` checks.
+Meta-SGD (`metasgd.py`) and Reptile (`reptile.py`) are small subclasses. On a CPU, the tasks of a meta-batch can
+run in threads (`method.task_threads`, bitwise the gradients of the sequential loop) or under `torch.func.vmap`
+(`method.vmap`; exact with GroupNorm only, see `pipeline/nn/inner.py`).
 """
 
 from __future__ import annotations
@@ -36,7 +19,6 @@ from pipeline.nn.inner import LossFn, Params, StepSize, adapt, adapt_functional,
 from pipeline.nn.stem import StemSequential
 
 
-# --- MAML classifier --------------------------------------------------------------------------------------
 class MAML(FewShotMethod):
     """MAML (Finn et al., 2017) over `encoder` + a linear head of `max_ways` outputs (the first N are used).
 
