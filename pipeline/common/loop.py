@@ -145,16 +145,7 @@ def run(session: Session, task: Task, stop_at: int | None = None) -> Path:
     cfg, world, run_dir, tr = session.cfg, session.world, session.run_dir, session.cfg.train
     last = run_dir / "last"
     state = fresh_state(task)
-    rng = None
-    if session.resuming:
-        loaded = load_checkpoint(last, task.model, task.optimizer)
-        rng = loaded.pop("rng")
-        if task.load_state is not None:
-            task.load_state(loaded.pop("extra", {}))
-        state.update({k: loaded[k] for k in state})
-        log.info("resuming from %s at iteration %d", last, state["iteration"])
-    elif world.main:
-        save_weights(task.model, run_dir / "untrained.safetensors")
+    rng = restore(session, task, state)
     distributed.broadcast_params(task.model, world)
     start = state["iteration"]
     stream = task.batches(start)
@@ -198,6 +189,22 @@ def run(session: Session, task: Task, stop_at: int | None = None) -> Path:
         finish(session, task, state, stopped_early, time.perf_counter() - began)
     distributed.finish(world)
     return run_dir
+
+
+def restore(session: Session, task: Task, state: dict[str, Any]) -> dict[str, Any] | None:
+    """Resuming: load `last/` into the model, optimiser, task state and the loop's `state`; returns the RNG states
+    to set once the stream is open. A fresh run: rank 0 saves the untrained weights; returns None."""
+    last = session.run_dir / "last"
+    if not session.resuming:
+        if session.world.main:
+            save_weights(task.model, session.run_dir / "untrained.safetensors")
+        return None
+    loaded = load_checkpoint(last, task.model, task.optimizer)
+    if task.load_state is not None:
+        task.load_state(loaded.get("extra", {}))
+    state.update({k: loaded[k] for k in state})
+    log.info("resuming from %s at iteration %d", last, state["iteration"])
+    return loaded["rng"]
 
 
 def log_window(task: Task, state: dict[str, Any], done: int, bar: Any, writer: Any) -> None:
