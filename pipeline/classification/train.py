@@ -1,56 +1,41 @@
-"""Classification meta-training: meta-batches of base-class episodes, validation, checkpoints, exact resume.
+"""Classification meta-training: meta-batches of base-class episodes, validated on the validation classes.
 
-Run directory (rank 0 writes): `config.yaml` (resolved), `manifest.csv` (TCIA sources), `split.json`,
-`untrained.safetensors` (the seeded initial weights, the baseline every report compares against),
-`model.safetensors` (the best validation weights, else the last), `state.json`, `curves.json`,
-`learning_curve.png`, `tensorboard/` (scalars), and the checkpoints `last/` and `best/`, each
-`model.safetensors` + `optimizer.safetensors` + `state.json` (iteration, RNG states, optimiser settings,
-curves, config, split). Training episodes are a pure function of their index (`EpisodeDataset`), so a resume
-from `last/` replays exactly the episodes an uninterrupted run would have seen, and gives identical weights.
+The loop itself (curves, TensorBoard, validation, `best/` and `last/` checkpoints, exact resume, torchrun ranks,
+final files) is `pipeline.common.loop`; this module gives it one meta-iteration (`meta_step`) and the validation
+accuracy. Run directory (rank 0 writes), besides the loop's files: `config.yaml` (resolved), `manifest.csv` (TCIA
+sources), `split.json`; `untrained.safetensors` is the baseline every report compares against, and
+`state.json` records the training item shape `adapt` needs.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
-import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from datasets.volume import FewscanError, atomic_path
 from pipeline.classification.data import Items, open_source
 from pipeline.classification.episodes import Episode, EpisodeDataset, EpisodeSampler, source_split, split_groups
 from pipeline.classification.methods import build_method
-from pipeline.common import distributed
-from pipeline.common.config import Config, to_dict
+from pipeline.common import distributed, loop
+from pipeline.common.config import Config
 from pipeline.common.episodes import episode_loader
-from pipeline.common.progress import progress
-from pipeline.common.report import plot_curves, write_json
-from pipeline.common.run import (
-    load_checkpoint,
-    pick_device,
-    save_checkpoint,
-    save_weights,
-    seed_everything,
-    set_threads,
-)
+from pipeline.common.report import write_json
+from pipeline.common.run import write_config
 from pipeline.nn.encoders import build_encoder
 from pipeline.nn.inner import threaded_task_grads
 
 log = logging.getLogger(__name__)
 
 VAL_SEED_OFFSET = 500_009  # validation episodes: their own fixed seed stream
-
-
-
-
 
 
 def build_model(cfg: Config, n_base: int = 1) -> nn.Module:
@@ -68,12 +53,9 @@ def episode_batch(items: Items, ep: Episode, shots: int, queries: int,
     return (sx.to(device), torch.as_tensor(sy, device=device), qx.to(device), torch.as_tensor(qy, device=device))
 
 
-
-
-
-
-
-
+def vectorised(model: nn.Module, cfg: Config) -> bool:
+    """Whether the tasks of a meta-batch go through `vmap_task_losses` (`method.vmap` and the method has it)."""
+    return cfg.method.vmap and getattr(model, "vmap_task_losses", None) is not None
 
 
 def task_threads(cfg: Config, device: torch.device, world: distributed.World) -> int:
@@ -100,7 +82,7 @@ def meta_step(model: nn.Module, tasks: list[tuple[torch.Tensor, ...]], n_way: in
     loss_sum = correct = count = 0.0
     if not mine:
         return loss_sum, correct, count
-    if cfg.method.vmap and hasattr(model, "vmap_task_losses"):
+    if vectorised(model, cfg):
         sx, sy, qx, qy = (torch.stack([t[i] for t in mine]) for i in range(4))
         losses, logits = model.vmap_task_losses(sx, sy, qx, qy, n_way)
         (losses.sum() / len(tasks)).backward()
@@ -143,7 +125,93 @@ def all_sum(values: list[float], world: distributed.World) -> list[float]:
     return distributed.all_reduce_sum(values, world)
 
 
-# --- the loop --------------------------------------------------------------------------------------------------
+# --- data and task -----------------------------------------------------------------------------------------------
+@dataclass
+class ClassData:
+    """A run's class split and items: the base items train, the validation items validate (None: no validation)."""
+
+    split: dict[str, Any]
+    items: Items
+    val_items: Items | None
+    val_ways: int
+
+
+def load_data(cfg: Config, session: loop.Session) -> ClassData:
+    """Split the classes (a resumed run reads its `split.json`) and load the items; rank 0 writes `split.json` and
+    `config.yaml` (with `model.in_channels` set from the data)."""
+    run_dir = session.run_dir
+    source = open_source(cfg, run_dir if session.world.main else None)
+    split = json.loads((run_dir / "split.json").read_text()) if session.resuming else source_split(cfg, source)
+    items = source.items(split["base"], split_groups(split, "base"))
+    val_ways = min(cfg.episodes.ways, len(split["validation"]))
+    if cfg.train.val_every and split["validation"] and val_ways < 2:
+        log.warning("validation skipped: it needs at least 2 validation classes, got %s", split["validation"])
+    val_items = (source.items(split["validation"], split_groups(split, "validation"))
+                 if val_ways >= 2 and cfg.train.val_every else None)
+    cfg.model.in_channels = int(items.x.shape[1])  # the data decides; recorded in config.yaml
+    if session.world.main:
+        write_json(split, run_dir / "split.json")
+        write_config(cfg, run_dir)
+    log.info("classes: base %s | validation %s | novel %s", split["base"], split["validation"], split["novel"])
+    return ClassData(split, items, val_items, val_ways)
+
+
+def summarise(window: loop.Window) -> dict[str, float]:
+    """Mean query loss per task and query accuracy over the log window (sums of `meta_step`'s numbers)."""
+    return {"loss": sum(window["loss"]) / max(sum(window["tasks"]), 1),
+            "accuracy": sum(window["correct"]) / max(sum(window["count"]), 1)}
+
+
+def meta_batches(episodes: Iterator[tuple[torch.Tensor, ...]], size: int) -> Iterator[list[tuple[torch.Tensor, ...]]]:
+    """Consecutive episodes of a stream in lists of `size` (one meta-batch per iteration)."""
+    while True:
+        yield [next(episodes) for _ in range(size)]
+
+
+def build_task(cfg: Config, session: loop.Session, data: ClassData) -> loop.Task:
+    """The model, its Adam, the training episode stream, one meta-iteration and validation, for the loop."""
+    world, device, ep_cfg = session.world, session.device, cfg.episodes
+    model = build_model(cfg, n_base=len(data.split["base"])).to(device)
+    if getattr(model, "parallel_tasks", False) and not vectorised(model, cfg) and task_threads(cfg, device, world) > 1:
+        torch.set_num_threads(1)  # one intra-op thread per task thread: OpenMP teams per thread oversubscribe cores
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    ways, meta_batch = cfg.train.ways or ep_cfg.ways, cfg.method.meta_batch
+
+    from transforms.augment import build_augmenter
+
+    augment = build_augmenter(cfg.transforms.augment, data.items.x.ndim - 2)
+    dataset = EpisodeDataset(data.items.x, data.items.labels, data.items.groups, data.split["base"], ways,
+                             ep_cfg.shots, ep_cfg.queries, seed=cfg.seed, augment=augment)
+    base_index = {name: i for i, name in enumerate(data.split["base"])}
+
+    def batches(start: int) -> Iterator[list[tuple[torch.Tensor, ...]]]:
+        dataset.start = start * meta_batch  # episode i is fixed by (seed, i): a resume replays the same stream
+        return meta_batches(iter(episode_loader(dataset, ep_cfg.workers, ep_cfg.prefetch)), meta_batch)
+
+    def step(it: int, episodes: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+        tasks = [(sx.to(device), sy.to(device), qx.to(device), qy.to(device),
+                  torch.tensor([base_index[c] for c in dataset.episode(it * meta_batch + t).classes], device=device))
+                 for t, (sx, sy, qx, qy) in enumerate(episodes)]
+        opt.zero_grad(set_to_none=True)
+        loss_sum, correct, count = meta_step(model, tasks, ways, cfg, world)
+        distributed.all_reduce_grads(model, world)
+        opt.step()
+        loss_sum, correct, count = all_sum([loss_sum, correct, count], world)
+        return {"loss": loss_sum, "correct": correct, "count": count, "tasks": meta_batch}
+
+    validate = None
+    if data.val_items is not None:
+        val_items = data.val_items
+        val_episodes = EpisodeSampler(val_items.labels, val_items.groups, data.split["validation"], data.val_ways,
+                                      ep_cfg.shots, ep_cfg.queries,
+                                      seed=cfg.seed + VAL_SEED_OFFSET).fixed(cfg.train.val_episodes)
+        validate = partial(validate_accuracy, model, val_items, val_episodes, cfg, device, world)
+    return loop.Task(model, batches, step, opt, metrics=("loss", "accuracy"), summarise=summarise,
+                     validate=validate, val_metric="accuracy", record={"split": data.split},
+                     info=lambda: {"items": len(data.items.labels), "item_shape": list(data.items.x.shape[1:])})
+
+
+# --- the entry point ---------------------------------------------------------------------------------------------
 def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None = None) -> Path:
     """Meta-train on the base classes; returns the run directory.
 
@@ -153,153 +221,5 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
         resume: require a checkpoint to resume from (error when there is none).
         stop_at: stop after this iteration as if interrupted (writes `last/`; for tests and time-boxed runs).
     """
-    world, device = distributed.init(pick_device(cfg.train.device))
-    last = run_dir / "last"
-    resuming = (last / "state.json").is_file()
-    if resume and not resuming:
-        raise FewscanError(f"{run_dir}: nothing to resume (no last/state.json)")
-    if world.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    set_threads(cfg)
-
-    source = open_source(cfg, run_dir if world.main else None)
-    split = json.loads((run_dir / "split.json").read_text()) if resuming else source_split(cfg, source)
-    items = source.items(split["base"], split_groups(split, "base"))
-    val_ways = min(cfg.episodes.ways, len(split["validation"]))
-    if cfg.train.val_every and split["validation"] and val_ways < 2:
-        log.warning("validation skipped: it needs at least 2 validation classes, got %s", split["validation"])
-    val_items = (source.items(split["validation"], split_groups(split, "validation"))
-                 if val_ways >= 2 and cfg.train.val_every else None)
-    cfg.model.in_channels = int(items.x.shape[1])  # the data decides; recorded in config.yaml
-    if world.main:
-        write_json(split, run_dir / "split.json")
-        with atomic_path(run_dir / "config.yaml") as tmp:
-            tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    log.info("classes: base %s | validation %s | novel %s", split["base"], split["validation"], split["novel"])
-
-    model = build_model(cfg, n_base=len(split["base"])).to(device)
-    threaded = getattr(model, "parallel_tasks", False) and not (cfg.method.vmap and hasattr(model, "vmap_task_losses"))
-    if threaded and task_threads(cfg, device, world) > 1:
-        torch.set_num_threads(1)  # one intra-op thread per task thread: OpenMP teams per thread oversubscribe cores
-    if world.main and not resuming:
-        save_weights(model, run_dir / "untrained.safetensors")
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    ep_cfg, tr = cfg.episodes, cfg.train
-    ways = tr.ways or ep_cfg.ways
-    meta_batch = cfg.method.meta_batch
-
-    state: dict[str, Any] = {"iteration": 0, "best": None, "best_iteration": None, "bad_validations": 0,
-                             "curves": {"iteration": [], "loss": [], "accuracy": [], "val_iteration": [],
-                                        "val_accuracy": []}, "window": [0.0, 0.0, 0.0, 0], "seconds": 0.0}
-    if resuming:
-        state.update(load_checkpoint(last, model, opt))
-        log.info("resuming from %s at iteration %d", last, state["iteration"])
-    distributed.broadcast_params(model, world)
-
-    from transforms.augment import build_augmenter
-
-    augment = build_augmenter(cfg.transforms.augment, items.x.ndim - 2)
-    dataset = EpisodeDataset(items.x, items.labels, items.groups, split["base"], ways, ep_cfg.shots,
-                             ep_cfg.queries, seed=cfg.seed, augment=augment)
-    base_index = {name: i for i, name in enumerate(split["base"])}
-    start = state["iteration"]
-    # Episode i of the stream is fixed by (seed, i): skipping to the resume point replays the same stream.
-    stream = itertools.islice(iter(episode_loader(dataset, ep_cfg.workers, ep_cfg.prefetch)),
-                              start * meta_batch, None)
-    val_episodes = (EpisodeSampler(val_items.labels, val_items.groups, split["validation"], val_ways,
-                                   ep_cfg.shots, ep_cfg.queries, seed=cfg.seed + VAL_SEED_OFFSET)
-                    .fixed(tr.val_episodes) if val_items is not None else [])
-
-    writer = None
-    if world.main and tr.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
-    curves = state["curves"]
-    began = time.perf_counter() - state["seconds"]
-    end = tr.iterations if stop_at is None else min(stop_at, tr.iterations)
-    model.train()
-    bar = progress(range(start, end), desc="meta-training", unit="it", disable=not world.main, initial=start,
-                   total=tr.iterations)
-    stopped_early = False
-
-    def checkpoint(it: int) -> None:
-        state.update(iteration=it, seconds=time.perf_counter() - began)
-        if world.main:
-            save_checkpoint(last, model, opt, {**state, "config": to_dict(cfg), "split": split})
-
-    for it in bar:
-        tasks = []
-        for t in range(meta_batch):
-            sx, sy, qx, qy = next(stream)
-            classes = dataset.episode(it * meta_batch + t).classes
-            tasks.append((sx.to(device), sy.to(device), qx.to(device), qy.to(device),
-                          torch.tensor([base_index[c] for c in classes], device=device)))
-        opt.zero_grad(set_to_none=True)
-        loss_sum, correct, count = meta_step(model, tasks, ways, cfg, world)
-        distributed.all_reduce_grads(model, world)
-        opt.step()
-        loss_sum, correct, count = all_sum([loss_sum, correct, count], world)
-        w = state["window"]
-        state["window"] = [w[0] + loss_sum, w[1] + correct, w[2] + count, w[3] + meta_batch]
-        done = it + 1
-        if done % tr.log_every == 0 or done == tr.iterations:
-            w = state["window"]
-            curves["iteration"].append(done)
-            curves["loss"].append(w[0] / max(w[3], 1))
-            curves["accuracy"].append(w[1] / max(w[2], 1))
-            state["window"] = [0.0, 0.0, 0.0, 0]
-            bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}", acc=f"{curves['accuracy'][-1]:.2f}")
-            if writer:
-                writer.add_scalar("train/loss", curves["loss"][-1], done)
-                writer.add_scalar("train/accuracy", curves["accuracy"][-1], done)
-        if val_episodes and (done % tr.val_every == 0 or done == tr.iterations):
-            acc = validate_accuracy(model, val_items, val_episodes, cfg, device, world)
-            curves["val_iteration"].append(done)
-            curves["val_accuracy"].append(acc)
-            if writer:
-                writer.add_scalar("validation/accuracy", acc, done)
-            if state["best"] is None or acc > state["best"]:
-                state.update(best=acc, best_iteration=done, bad_validations=0)
-                if world.main:
-                    save_checkpoint(run_dir / "best", model, opt, {**state, "iteration": done})
-            else:
-                state["bad_validations"] += 1
-                if tr.patience and state["bad_validations"] >= tr.patience:
-                    log.info("early stop at iteration %d: no validation gain in %d checks (best %.3f at %d)",
-                             done, tr.patience, state["best"], state["best_iteration"])
-                    stopped_early = True
-        if done % tr.checkpoint_every == 0 or done == end or stopped_early:
-            checkpoint(done)
-        if stopped_early:
-            break
-    bar.close()
-    if writer:
-        writer.close()
-
-    finished = stopped_early or state["iteration"] >= tr.iterations or start >= tr.iterations
-    if world.main and finished:
-        best = run_dir / "best" / "model.safetensors"
-        final = best if best.is_file() else last / "model.safetensors"
-        if final.is_file():
-            with atomic_path(run_dir / "model.safetensors") as tmp:
-                tmp.write_bytes(final.read_bytes())
-        else:  # zero iterations: the untrained weights are the model
-            save_weights(model, run_dir / "model.safetensors")
-        write_json({"iterations": state["iteration"], "stopped_early": stopped_early, "best": state["best"],
-                    "best_iteration": state["best_iteration"], "seconds": time.perf_counter() - began,
-                    "device": str(device), "processes": world.size, "items": len(items.labels),
-                    "item_shape": list(items.x.shape[1:])},
-                   run_dir / "state.json")
-        write_json(curves, run_dir / "curves.json")
-        if curves["iteration"]:
-            plot_curves(curves, run_dir / "learning_curve.png")
-    distributed.finish(world)
-    return run_dir
-
-
-
-
-
-
+    session = loop.begin(cfg, run_dir, resume)
+    return loop.run(session, build_task(cfg, session, load_data(cfg, session)), stop_at)

@@ -21,12 +21,13 @@ def write_json(obj: Any, path: Path) -> None:
 
 
 def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
-    """Training loss and episode accuracy against iteration."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(curves["iteration"], curves["loss"])
-    ax1.set(xlabel="iteration", ylabel="query loss", title="meta-training loss")
-    ax2.plot(curves["iteration"], curves["accuracy"])
-    ax2.set(xlabel="iteration", ylabel="query accuracy", title="training-episode accuracy", ylim=(0, 1))
+    """Training loss and (classification) episode accuracy against iteration."""
+    fig, axes = plt.subplots(1, 2 if "accuracy" in curves else 1, figsize=(9, 3.5), squeeze=False)
+    axes[0, 0].plot(curves["iteration"], curves["loss"])
+    axes[0, 0].set(xlabel="iteration", ylabel="loss", title="meta-training loss")
+    if "accuracy" in curves:
+        axes[0, 1].plot(curves["iteration"], curves["accuracy"])
+        axes[0, 1].set(xlabel="iteration", ylabel="query accuracy", title="training-episode accuracy", ylim=(0, 1))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -1,7 +1,8 @@
 """The run directory every task kind writes: seeding, device choice, weights, checkpoints, the resolved config.
 
-Weights are safetensors files. A checkpoint folder (`last/`, `best/`) holds `model.safetensors`,
-`optimizer.safetensors` and `state.json` (iteration, RNG states, optimiser settings, curves, config, split).
+Weights are safetensors files. A checkpoint folder (`last/`, `best/`, written by `pipeline.common.loop`) holds
+`model.safetensors`, `optimizer.safetensors`, `extra.safetensors` (a task's own state, e.g. Reptile's inner
+optimiser) and `state.json` (iteration, RNG states, optimiser settings, curves, config, split).
 `load_run_config` reads a run's resolved `config.yaml` with `evaluate --set` items applied, and
 `evaluation_files` names the episode set and report such an evaluation writes.
 """
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from datasets.volume import FewscanError, atomic_path
-from pipeline.common.config import Config, apply_overrides, evaluation_tag, validate
+from pipeline.common.config import Config, apply_overrides, evaluation_tag, to_dict, validate
 from pipeline.common.report import write_json
 
 
@@ -51,39 +52,96 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
-def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """`folder/model.safetensors`, `optimizer.safetensors` (tensors) and `state.json` (everything else)."""
+def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | None, state: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> None:
+    """`folder/model.safetensors`, `optimizer.safetensors` (its tensors; none without `opt`), `extra.safetensors`
+    (the tensors of `extra`, a task's own state) and `state.json` (everything else, RNG states included)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(model, folder / "model.safetensors")
-    opt_state = opt.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous().clone() for i, s in opt_state["state"].items()
-               for k, v in s.items() if torch.is_tensor(v)}
-    with atomic_path(folder / "optimizer.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state().tolist()}
-    rng["numpy"] = [rng["numpy"][0], rng["numpy"][1].tolist(), *rng["numpy"][2:]]
-    write_json({**state, "rng": rng, "optimizer": {"param_groups": opt_state["param_groups"]}},
-               folder / "state.json")
+    record: dict[str, Any] = {**state, "rng": rng_state()}
+    if opt is not None:
+        opt_state = opt.state_dict()
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous().clone() for i, s in opt_state["state"].items()
+                   for k, v in s.items() if torch.is_tensor(v)}
+        with atomic_path(folder / "optimizer.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        record["optimizer"] = {"param_groups": opt_state["param_groups"]}
+    if extra is not None:
+        extra_tensors: dict[str, torch.Tensor] = {}
+        record["extra"] = pack(extra, extra_tensors)
+        with atomic_path(folder / "extra.safetensors") as tmp:
+            save_file(extra_tensors, str(tmp))
+    write_json(record, folder / "state.json")
 
 
-def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimiser and RNG states written by `save_checkpoint`; returns its state mapping."""
+def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore the weights and optimiser written by `save_checkpoint`; returns its state mapping, with `rng` (for
+    `set_rng_state`, left to the caller) and the task's `extra` state unpacked."""
     try:
         state = json.loads((folder / "state.json").read_text())
         load_weights(model, folder / "model.safetensors")
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError, RuntimeError) as err:
+        tensors = load_file(str(folder / "optimizer.safetensors")) if opt is not None else {}
+        if "extra" in state:
+            state["extra"] = unpack(state["extra"], load_file(str(folder / "extra.safetensors")))
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise FewscanError(f"{folder}: cannot resume from this checkpoint ({err})") from None
-    per_param: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        per_param.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
-    rng = state["rng"]
+    if opt is not None:
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            i, name = key.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = value
+        opt.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and, once initialised, CUDA) RNG states as JSON values."""
+    numpy_state = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+           "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return rng
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    """Restore the RNG states `rng_state` returned."""
     random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
     np.random.set_state((rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
     torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
-    return state
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+
+
+def pack(value: Any, tensors: dict[str, torch.Tensor], key: str = "extra") -> Any:
+    """A JSON value for nested dicts/lists of tensors and JSON values; the tensors go into `tensors`.
+
+    A tensor becomes `{"tensor": its key in tensors}`, a dict `{"dict": [[key, value], ...]}` (so int keys, as
+    in an optimiser's state, come back as ints), a tuple a list.
+    """
+    if torch.is_tensor(value):
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {"tensor": key}
+    if isinstance(value, dict):
+        return {"dict": [[k, pack(v, tensors, f"{key}.{k}")] for k, v in value.items()]}
+    if isinstance(value, list | tuple):
+        return [pack(v, tensors, f"{key}.{i}") for i, v in enumerate(value)]
+    return value
+
+
+def unpack(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `pack` (tuples come back as lists)."""
+    if isinstance(value, dict):
+        return tensors[value["tensor"]] if "tensor" in value else {k: unpack(v, tensors) for k, v in value["dict"]}
+    if isinstance(value, list):
+        return [unpack(v, tensors) for v in value]
+    return value
+
+
+def write_config(cfg: Config, run_dir: Path) -> None:
+    """The resolved config as `run_dir/config.yaml` (what `load_run_config` reads back)."""
+    with atomic_path(run_dir / "config.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:

@@ -123,6 +123,34 @@ def vmap_task_losses(task_loss: Callable[..., Tensor | tuple[Tensor, ...]], para
     return torch.func.vmap(task_loss, in_dims=(None, *([0] * len(task_batches))))(params, *task_batches)
 
 
+# --- Reptile's outer update ------------------------------------------------------------------------------------
+@torch.no_grad()
+def reptile_update(theta: Mapping[str, Tensor], phi: Mapping[str, Tensor], meta_lr: float) -> None:
+    """Reptile's outer update (Nichol et al., 2018), in place: `theta <- theta + meta_lr * (phi - theta)`.
+
+    Args:
+        theta: name -> tensor to move, e.g. `model.state_dict()` (weights and BatchNorm running statistics alike);
+            non-float entries (counters such as `num_batches_tracked`) are copied from `phi`.
+        phi: the adapted tensors, same names.
+        meta_lr: the outer step (1: theta becomes phi, plain training).
+    """
+    for name, value in theta.items():
+        if value.is_floating_point():
+            value.add_(phi[name] - value, alpha=meta_lr)
+        else:
+            value.copy_(phi[name])
+
+
+def reptile_loss(theta: Mapping[str, Tensor], phi: Mapping[str, Tensor]) -> Tensor:
+    """`reptile_update` as a loss, for meta-parameters an outer optimiser steps: `sum ||theta - phi||^2 / 2`.
+
+    Its gradient is `theta - phi` (`phi` is detached), so an SGD step of size `meta_lr` is exactly
+    `reptile_update(theta, phi, meta_lr)` (tested bitwise), a mean over the tasks of a meta-batch is batched
+    Reptile, and any other optimiser (Adam) takes the same direction.
+    """
+    return sum(0.5 * (theta[k] - phi[k].detach()).pow(2).sum() for k in theta)
+
+
 # --- tasks of a meta-batch in parallel threads ----------------------------------------------------------------
 def replicate(model: nn.Module) -> nn.Module:
     """A structural copy of `model` whose parameters and buffers *are* the original tensors (not copies).

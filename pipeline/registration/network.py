@@ -25,6 +25,7 @@ from monai.networks.nets import GlobalNet, LocalNet, RegUNet, VoxelMorphUNet
 from torch import Tensor, nn
 
 from pipeline.common.config import RegistrationConfig
+from pipeline.nn.inner import reptile_update
 from pipeline.registration.deformation import warp
 from pipeline.registration.episodes import Batch
 
@@ -144,8 +145,8 @@ def reptile_step(model: nn.Module, losses: Losses, batches: Callable[[], Batch],
                  meta_lr: float, inner_state: dict | None = None) -> tuple[float, dict]:
     """One Reptile meta-iteration on one task: adapt a copy with Adam, move `model` toward it.
 
-    `theta <- theta + meta_lr * (phi - theta)` for every float tensor of the state (weights and BatchNorm running
-    statistics); memory stays that of one model copy, whatever `inner_steps`.
+    `theta <- theta + meta_lr * (phi - theta)` (`reptile_update`) for every float tensor of the state (weights and
+    BatchNorm running statistics); memory stays that of one model copy, whatever `inner_steps`.
     The inner Adam's moment estimates are carried from task to task (`inner_state`): a fresh Adam takes
     near-constant-size first steps whatever the gradient, which made meta-training on registration losses noisy
     and slow to converge in our measurements (benchmarks/README.md); with `meta_lr=1` this is plain training.
@@ -158,13 +159,7 @@ def reptile_step(model: nn.Module, losses: Losses, batches: Callable[[], Batch],
     if inner_state is not None:
         opt.load_state_dict(inner_state)
     history = train_steps(fast, losses, batches, inner_steps, opt)
-    with torch.no_grad():
-        new = fast.state_dict()
-        for name, value in model.state_dict().items():
-            if value.is_floating_point():
-                value.add_(new[name] - value, alpha=meta_lr)
-            else:
-                value.copy_(new[name])  # counters such as num_batches_tracked
+    reptile_update(model.state_dict(), fast.state_dict(), meta_lr)
     return sum(history) / len(history), opt.state_dict()
 
 
