@@ -30,7 +30,7 @@ from pipeline.classification.episodes import Episode, EpisodeDataset, EpisodeSam
 from pipeline.classification.methods import build_method
 from pipeline.common import distributed
 from pipeline.common.config import Config, to_dict
-from pipeline.common.episodes import episode_loader
+from pipeline.common.episodes import episode_loader, stream_seed
 from pipeline.common.progress import progress
 from pipeline.common.report import plot_curves, write_json
 from pipeline.common.run import (
@@ -46,7 +46,6 @@ from pipeline.nn.inner import threaded_task_grads
 
 log = logging.getLogger(__name__)
 
-VAL_SEED_OFFSET = 500_009  # validation episodes: their own fixed seed stream
 
 
 
@@ -208,7 +207,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     stream = itertools.islice(iter(episode_loader(dataset, ep_cfg.workers, ep_cfg.prefetch)),
                               start * meta_batch, None)
     val_episodes = (EpisodeSampler(val_items.labels, val_items.groups, split["validation"], val_ways,
-                                   ep_cfg.shots, ep_cfg.queries, seed=cfg.seed + VAL_SEED_OFFSET)
+                                   ep_cfg.shots, ep_cfg.queries, seed=stream_seed(cfg.seed, "validation"))
                     .fixed(tr.val_episodes) if val_items is not None else [])
 
     writer = None
