@@ -151,11 +151,24 @@ def task_module(task: str):  # noqa: ANN201 - a module object
     return importlib.import_module(TASKS[task])
 
 
+# --- --set, shared by train, evaluate, episodes and demo ---------------------------------------------
+def _key_value(item: str) -> str:
+    key, sep, _ = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE (give positional arguments before --set)")
+    return item
+
+
+def _set_argument(p: argparse.ArgumentParser, text: str) -> None:
+    """`--set KEY=VALUE [KEY=VALUE ...]`, repeatable: every item of every flag, in order, in `args.overrides`."""
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", type=_key_value, default=[],
+                   metavar="KEY=VALUE", help=f"{text} (several per flag, or repeat the flag)")
+
+
 # --- train -------------------------------------------------------------------------------------------
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.iterations=50 (repeatable)")
+    _set_argument(p, "override config values, e.g. --set train.iterations=50 seed=1")
     p.add_argument("--out", type=Path, required=True, help="run directory to create")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/last (classification resumes from there automatically when present)")
@@ -176,9 +189,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="report path (default RUN_DIR/report.json)")
     p.add_argument("--episodes", type=Path, default=None, metavar="FILE",
                    help="evaluate on exactly these episodes (written by `episodes`), for paired comparisons")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="evaluate the same weights another way, e.g. --set shots=5 (episodes.*, seed, train.device; "
-                        "classification and segmentation); writes report_shots5.json etc. beside the run's own")
+    _set_argument(p, "evaluate the same weights another way, e.g. --set shots=5 (classification, segmentation: "
+                     "episodes.*, seed; registration: registration.instance_steps, instance_lr, adapt_steps, "
+                     "adapt_lr; any: train.device, train.threads); writes report_shots5.json etc. beside the "
+                     "run's own")
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -190,23 +204,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise FewscanError(f"{args.run_dir}: not a run directory (no config.yaml); run `train` first")
     task = (yaml.safe_load((args.run_dir / "config.yaml").read_text()) or {}).get("task", "classification")
     module = task_module(task)
-    extra: dict[str, object] = {"episodes_file": args.episodes} if args.episodes is not None else {}
-    if args.overrides:
-        if task == "registration":
-            raise FewscanError("evaluate --set: registration runs are scored on the pairs fixed at training; "
-                               "--set applies to classification and segmentation runs")
-        extra["overrides"] = args.overrides
-    report = module.evaluate(args.run_dir, args.out, **extra)
+    report = module.evaluate(args.run_dir, args.out, episodes_file=args.episodes, overrides=args.overrides)
     print(module.summary_table(report))
-    print(f"report: {evaluation_files(args.run_dir, args.overrides, args.out)[1]}")
+    print(f"report: {evaluation_files(args.run_dir, args.overrides, args.out, task)[1]}")
     return 0
 
 
 # --- episodes ----------------------------------------------------------------------------------------
 def _episodes_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", type=Path, help="YAML config (the one the compared runs train with)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
+    _set_argument(p, "override config values, e.g. --set shots=1 seed=2")
     p.add_argument("--split", default="novel", help="which held-out part: novel (default), validation or base")
     p.add_argument("--n", type=int, default=None, help="number of episodes (default: episodes.eval_episodes)")
     p.add_argument("--out", type=Path, required=True, help="episode file (JSON) to write")
@@ -247,8 +254,7 @@ def _register(args: argparse.Namespace) -> int:
 # --- demo --------------------------------------------------------------------------------------------
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the cohort and the run")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value of configs/demo.yaml")
+    _set_argument(p, "override values of configs/demo.yaml")
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -29,3 +29,27 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes): to check that a refused command changed nothing."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def refuses_episode_files(capsys: pytest.CaptureFixture[str]):  # noqa: ANN201 - returns the check
+    """`check(run, [(file, needle), ...])`: `evaluate RUN --episodes FILE` exits 2 with one line naming FILE and
+    containing `needle`, and leaves every file of RUN as it was (a refused file is neither copied nor scored)."""
+    from pipeline.__main__ import main
+
+    def check(run: Path, bad_files: list[tuple[Path, str]]) -> None:
+        before = folder_bytes(run)
+        capsys.readouterr()
+        for bad, needle in bad_files:
+            assert main(["evaluate", str(run), "--episodes", str(bad)]) == 2
+            err = capsys.readouterr().err
+            assert str(bad) in err and needle in err and len(err.strip().splitlines()) == 1, err
+            assert folder_bytes(run) == before, f"{bad} changed {run}"
+
+    return check

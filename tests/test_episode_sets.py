@@ -156,3 +156,45 @@ def test_mednist_episodes_hold_out_two_classes(shared_data: Path, tmp_path: Path
     stream = EpisodeDataset(base.x, base.labels, base.groups, split["base"], ways=4, shots=5, queries=5, length=20)
     for n in range(20):
         assert not set(stream.episode(n).classes) & {"Hand", "HeadCT"}
+
+
+def test_set_takes_several_pairs_per_flag(npz_config: Path, tmp_path: Path) -> None:
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main(["episodes", str(npz_config), "--set", "seed=4", "shots=1", "--n", "3", "--out", str(one)]) == 0
+    assert main(["episodes", str(npz_config), "--set", "seed=4", "--set", "shots=1", "--n", "3", "--out",
+                 str(two)]) == 0
+    assert one.read_bytes() == two.read_bytes()
+    records = json.loads(one.read_text())
+    assert all(r["shots"] == 1 for r in records)  # the second pair of the flag took effect
+    default = fixed_episodes(load_config(npz_config, ["shots=1"]), "novel", 3)
+    assert records != default  # and so did the first (seed 4, not the config's 3)
+    with pytest.raises(SystemExit) as exit_info:  # a positional swallowed by --set is refused, not misread
+        main(["episodes", "--set", "seed=4", str(npz_config), "--out", str(tmp_path / "x.json")])
+    assert exit_info.value.code == 2 and not (tmp_path / "x.json").exists()
+
+
+@pytest.fixture()
+def npz_run(npz_config: Path, tmp_path: Path) -> Path:
+    """A classification run trained for 2 iterations on the toy npz, through the CLI."""
+    run = tmp_path / "run"
+    assert main(["train", str(npz_config), "--set", "model.encoder=conv4_2d", "model.filters=4",
+                 "model.norm_groups=2", "transforms.image_size=[16, 16]", "train.iterations=2", "train.val_every=0",
+                 "train.tensorboard=false", "train.device=cpu", "--out", str(run)]) == 0
+    return run
+
+
+def test_evaluate_episodes_file_through_the_cli(npz_config: Path, npz_run: Path, tmp_path: Path,
+                                                refuses_episode_files) -> None:
+    chosen = tmp_path / "chosen.json"
+    assert main(["episodes", str(npz_config), "--n", "5", "--out", str(chosen)]) == 0
+    save_episode_set(load_episode_set(chosen)[::-1], chosen)  # not the run's own set (12 episodes) nor its order
+    assert main(["evaluate", str(npz_run), "--episodes", str(chosen)]) == 0
+    report = json.loads((npz_run / "report.json").read_text())
+    assert report["episodes"] == 5 and load_episode_set(npz_run / "episodes.json") == load_episode_set(chosen)
+    wrong_shots, wrong_task, unknown = (tmp_path / n for n in ("shots.json", "task.json", "unknown.json"))
+    assert main(["episodes", str(npz_config), "--n", "2", "--set", "shots=1", "--out", str(wrong_shots)]) == 0
+    records = load_episode_set(chosen)
+    wrong_task.write_text(json.dumps([{"structure": "liver", "cases": [{"role": "support", "case_id": "x"}]}]))
+    unknown.write_text(json.dumps([{**records[0], "cases": [{**c, "case_id": "nope"} for c in records[0]["cases"]]}]))
+    refuses_episode_files(npz_run, [(wrong_shots, "config asks for 2"), (unknown, "'nope' is not in this data"),
+                                    (wrong_task, "segmentation episode, not classification")])

@@ -104,3 +104,58 @@ def test_default_maml_inner_loop_escapes_an_all_background_initialisation() -> N
     with torch.no_grad():
         pred = maml_predictor(net, scfg, fast)(x).argmax(1, keepdim=True).float()
     assert DiceMetric()(pred, m).mean().item() > 0.3
+
+
+CONFIG = REPO / "configs" / "segment_decathlon_ssl.yaml"
+
+
+@pytest.fixture(scope="module")
+def seg_run(decathlon: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """A tiny 2D prototype run (no baselines) trained through the CLI, and the `--set` items it was trained with."""
+    from pipeline.__main__ import main
+
+    items = [f"data.root={decathlon}", *TINY, "segmentation.baselines=[]"]
+    run = tmp_path_factory.mktemp("seg") / "run"
+    assert main(["train", str(CONFIG), "--set", *items, "--out", str(run)]) == 0
+    return run, items
+
+
+def test_evaluate_episodes_file_is_scored_exactly(seg_run: tuple[Path, list[str]], tmp_path: Path,
+                                                  refuses_episode_files) -> None:
+    from pipeline.__main__ import main
+    from pipeline.common.episodes import load_episode_set, save_episode_set
+
+    run, items = seg_run
+    chosen = tmp_path / "chosen.json"
+    assert main(["episodes", str(CONFIG), "--set", *items, "--n", "2", "--out", str(chosen)]) == 0
+    records = load_episode_set(chosen)[::-1]  # 6 episodes, structures in reverse order: not the run's own 3
+    save_episode_set(records, chosen)
+    assert main(["evaluate", str(run), "--episodes", str(chosen)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["episodes"] == len(records) == 6
+    assert [e["structure"] for e in report["per_episode"]] == [r["structure"] for r in records]
+    assert [e["episode"] for e in report["untrained"]["per_episode"]] == list(range(6))
+    assert load_episode_set(run / "episodes.json") == records
+    shots2, unknown, pairs = tmp_path / "shots2.json", tmp_path / "unknown.json", tmp_path / "pairs.json"
+    assert main(["episodes", str(CONFIG), "--set", *items, "shots=2", "--n", "1", "--out", str(shots2)]) == 0
+    save_episode_set([{**records[0], "cases": [{**c, "case_id": "nope"} for c in records[0]["cases"]]}], unknown)
+    save_episode_set([{"task": "X/MRI", "cases": [{"role": "moving", "case_id": "a"}]}], pairs)
+    refuses_episode_files(run, [(shots2, "config asks for 1"), (unknown, "'nope' is not in this run's data"),
+                                (pairs, "registration episode, not segmentation")])
+
+
+def test_evaluate_set_seed_draws_from_the_run_held_out_patients(seg_run: tuple[Path, list[str]]) -> None:
+    """`--set seed=N` draws other episodes, from the patients the run kept out of training (its own seed's split)."""
+    from pipeline.segmentation.data import load_cases, split_patients
+
+    run, _ = seg_run
+    cfg = load_config(run / "config.yaml")
+    cases = load_cases(cfg)
+    held_out = {c.case_id for c in split_patients(cases, cfg.segmentation.test_patients, cfg.seed)[1]}
+    # a seed whose own split holds out other patients, or the test could not tell the two splits apart
+    seed = next(s for s in range(1, 50)
+                if {c.case_id for c in split_patients(cases, cfg.segmentation.test_patients, s)[1]} != held_out)
+    report = evaluate(run, overrides=[f"seed={seed}", "train.threads=1"])
+    episodes = json.loads((run / f"episodes_seed{seed}.json").read_text())
+    assert report["episodes"] == len(episodes) == 3 and (run / f"report_seed{seed}.json").is_file()
+    assert {c["case_id"] for e in episodes for c in e["cases"]} <= held_out

@@ -25,7 +25,7 @@ import torch
 
 from datasets.volume import FewscanError, InputError
 from pipeline.common.config import Config
-from pipeline.common.episodes import EVAL_SEED_OFFSET, EpisodeStream, load_episode_set, save_episode_set
+from pipeline.common.episodes import EpisodeStream, load_episode_set, save_episode_set, stream_seed
 from pipeline.common.splits import split_patients
 
 log = logging.getLogger(__name__)
@@ -241,22 +241,26 @@ def fixed_set(labels: Sequence[str], groups: Sequence[str], ids: Sequence[str], 
 
 def evaluation_episodes(cfg: Any, split: dict[str, Any], labels: Sequence[str], groups: Sequence[str],
                         ids: Sequence[str], default_path: Path, episodes_file: Path | None = None) -> list[Episode]:
-    """Evaluation episodes: from `episodes_file` (copied to `default_path`), else from `default_path` when it
-    exists, else a fresh seeded set (what `python -m pipeline episodes` writes) saved there."""
+    """Evaluation episodes: from `episodes_file` (checked, then copied to `default_path`), else from `default_path`
+    when it exists, else a fresh seeded set (what `python -m pipeline episodes` writes) saved there.
+
+    Raises:
+        InputError: the file (named) holds another task's episodes, unknown case ids or other K / Q; it is then
+            not copied.
+    """
     ep = cfg.episodes
-    if episodes_file is not None:
-        records = load_episode_set(episodes_file)
-        if Path(episodes_file).resolve() != Path(default_path).resolve():
+    if episodes_file is not None or Path(default_path).exists():
+        source = Path(episodes_file if episodes_file is not None else default_path)
+        records = load_episode_set(source, "classification")
+        episodes = records_to_episodes(records, ids, ep.shots, ep.queries, source)
+        if source.resolve() != Path(default_path).resolve():
             save_episode_set(records, default_path)
-        source: Path = Path(episodes_file)
-    elif Path(default_path).exists():
-        records, source = load_episode_set(default_path), Path(default_path)
-    else:
-        records = fixed_set(labels, groups, ids, split["novel"], ep.ways, ep.shots, ep.queries,
-                            cfg.seed + EVAL_SEED_OFFSET, ep.eval_episodes)
-        save_episode_set(records, default_path)
-        source = Path(default_path)
-    return records_to_episodes(records, ids, ep.shots, ep.queries, source)
+        return episodes
+    records = fixed_set(labels, groups, ids, split["novel"], ep.ways, ep.shots, ep.queries,
+                        stream_seed(cfg.seed, "evaluation"), ep.eval_episodes)
+    episodes = records_to_episodes(records, ids, ep.shots, ep.queries, default_path)
+    save_episode_set(records, default_path)
+    return episodes
 
 
 
@@ -320,7 +324,7 @@ def classification_episodes(cfg: Any, split: str, n: int) -> list[dict[str, Any]
     cat = source.catalog(parts[split], split_groups(parts, split))
     ep = cfg.episodes
     return fixed_set(cat.labels, cat.groups, cat.ids, parts[split], ep.ways, ep.shots, ep.queries,
-                     cfg.seed + EVAL_SEED_OFFSET, n, split)
+                     stream_seed(cfg.seed, "evaluation"), n, split)
 
 
 def source_split(cfg: Config, source: object) -> dict:

@@ -14,13 +14,10 @@ from pipeline.classification.episodes import Episode, evaluation_episodes, split
 from pipeline.classification.train import build_model, episode_batch
 from pipeline.common.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95
 from pipeline.common.progress import progress
-from pipeline.common.report import plot_accuracy, plot_confusion, write_json
+from pipeline.common.report import ci_text, plot_accuracy, plot_confusion, text_table, write_json
 from pipeline.common.run import evaluation_files, load_run_config, load_weights, pick_device, read_split, set_threads
 
 log = logging.getLogger(__name__)
-
-# Evaluation episodes get their own seed stream, so changing the training schedule never changes them.
-EVAL_SEED_OFFSET = 1_000_003
 
 
 @torch.no_grad()
@@ -60,7 +57,7 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     """
     cfg = load_run_config(run_dir, overrides)
     set_threads(cfg)
-    episodes_path, out, suffix = evaluation_files(run_dir, overrides, out)
+    episodes_path, out, suffix = evaluation_files(run_dir, overrides, out, cfg.task)
     split = read_split(run_dir)
     device = pick_device(cfg.train.device)
     ep_cfg = cfg.episodes
@@ -123,18 +120,9 @@ def _per_class(episodes: list[Episode], preds: list[tuple[np.ndarray, np.ndarray
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """A short text table of a classification report."""
-    def row(name: str, m: dict[str, Any]) -> str:
-        lo, hi = m["accuracy"]["ci95"]
-        extra = "".join(f"  {m[k]['mean']:.3f}        " for k in ("balanced_accuracy", "auc") if k in m)
-        return f"  {name:<10} {m['accuracy']['mean']:.3f}     [{lo:.3f}, {hi:.3f}]{extra}".rstrip()
-
-    return "\n".join([
-        f"{report['ways']}-way {report['shots']}-shot on novel classes {report['classes']}, "
-        f"{report['episodes']} episodes (chance {report['chance']:.3f})",
-        "  model      accuracy  95% CI            balanced acc.  macro-AUC",
-        row("untrained", report["untrained"]["metrics"]),
-        row("trained", report["metrics"]),
-    ])
-
-
+    """A short text table of a classification report: accuracy and balanced accuracy (mean [95% CI]), macro-AUC."""
+    rows = [[name, *(ci_text(m[k]) for k in ("accuracy", "balanced_accuracy")), f"{m['auc']['mean']:.3f}"]
+            for name, m in (("untrained", report["untrained"]["metrics"]), ("trained", report["metrics"]))]
+    return text_table(f"{report['ways']}-way {report['shots']}-shot on novel classes {report['classes']}, "
+                      f"{report['episodes']} episodes (chance {report['chance']:.3f}); mean [95% CI]",
+                      ["model", "accuracy", "balanced acc.", "macro-AUC"], rows)

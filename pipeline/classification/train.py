@@ -27,7 +27,7 @@ from pipeline.classification.episodes import Episode, EpisodeDataset, EpisodeSam
 from pipeline.classification.methods import build_method
 from pipeline.common import distributed, loop
 from pipeline.common.config import Config
-from pipeline.common.episodes import episode_loader
+from pipeline.common.episodes import episode_loader, stream_seed
 from pipeline.common.report import write_json
 from pipeline.common.run import write_config
 from pipeline.nn.encoders import build_encoder
@@ -35,7 +35,6 @@ from pipeline.nn.inner import threaded_task_grads
 
 log = logging.getLogger(__name__)
 
-VAL_SEED_OFFSET = 500_009  # validation episodes: their own fixed seed stream
 
 
 def build_model(cfg: Config, n_base: int = 1) -> nn.Module:
@@ -204,7 +203,7 @@ def build_task(cfg: Config, session: loop.Session, data: ClassData) -> loop.Task
         val_items = data.val_items
         val_episodes = EpisodeSampler(val_items.labels, val_items.groups, data.split["validation"], data.val_ways,
                                       ep_cfg.shots, ep_cfg.queries,
-                                      seed=cfg.seed + VAL_SEED_OFFSET).fixed(cfg.train.val_episodes)
+                                      seed=stream_seed(cfg.seed, "validation")).fixed(cfg.train.val_episodes)
         validate = partial(validate_accuracy, model, val_items, val_episodes, cfg, device, world)
     return loop.Task(model, batches, step, opt, metrics=("loss", "accuracy"), summarise=summarise,
                      validate=validate, val_metric="accuracy", record={"split": data.split},

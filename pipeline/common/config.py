@@ -250,30 +250,39 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# What `evaluate --set` may change: how a run is evaluated, never what was trained (model, method, data, split).
-EVAL_KEYS = ("episodes.shots", "episodes.queries", "episodes.ways", "episodes.eval_episodes", "seed")
+# What `evaluate --set` may change, per task kind: how a run is evaluated, never what was trained (model, method,
+# data, split). Classification and segmentation draw other fixed episodes; registration evaluates the pairs fixed
+# at training and may change only its test-time adaptation.
+_EPISODE_KEYS = ("episodes.shots", "episodes.queries", "episodes.eval_episodes", "seed")  # segmentation has no ways
+EVAL_KEYS: dict[str, tuple[str, ...]] = {
+    "classification": (*_EPISODE_KEYS, "episodes.ways"),
+    "segmentation": _EPISODE_KEYS,
+    "registration": ("registration.instance_steps", "registration.instance_lr", "registration.adapt_steps",
+                     "registration.adapt_lr"),
+}
 EVAL_RUNTIME_KEYS = ("train.device", "train.threads")  # change no number, so no separate report
 
 
-def evaluation_tag(overrides: list[str]) -> str:
-    """Check `evaluate --set` items against `EVAL_KEYS`; return the tag of the files such an evaluation writes.
+def evaluation_tag(overrides: list[str], task: str) -> str:
+    """Check `evaluate --set` items against `EVAL_KEYS[task]`; return the tag of the files such an evaluation writes.
 
-    The tag (e.g. `shots5_queries10`, empty when only runtime keys change) names the episode set and report
-    written beside the run's own, so one trained run can be scored at several K.
+    The tag (e.g. `shots5_queries10` or `instance_steps5`, empty when only runtime keys change) names the episode
+    set and report written beside the run's own, so one trained run can be scored at several K.
 
     Raises:
-        ConfigError: a key outside `EVAL_KEYS` + `EVAL_RUNTIME_KEYS`, or an item without `=`.
+        ConfigError: a key outside `EVAL_KEYS[task]` + `EVAL_RUNTIME_KEYS`, or an item without `=`.
     """
+    allowed = EVAL_KEYS[task] + EVAL_RUNTIME_KEYS
     tag = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key = ALIASES.get(key, key)
-        if key not in EVAL_KEYS + EVAL_RUNTIME_KEYS:
-            raise ConfigError(f"evaluate --set {key}: only {', '.join(EVAL_KEYS + EVAL_RUNTIME_KEYS)} can change "
-                              "after training (the weights belong to the rest of the run's config)")
-        if key in EVAL_KEYS:
+        if key not in allowed:
+            raise ConfigError(f"evaluate --set {key}: only {', '.join(allowed)} can change after training a {task} "
+                              "run (the weights belong to the rest of the run's config)")
+        if key in EVAL_KEYS[task]:
             tag.append(f"{key.rsplit('.', 1)[-1].replace('eval_', '')}{text.strip()}")
     return "_".join(tag)
 

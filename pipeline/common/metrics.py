@@ -1,9 +1,10 @@
-"""Per-episode metrics and their 95% confidence intervals over episodes."""
+"""Per-episode metrics and their 95% confidence intervals over episodes (or registration pairs)."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -25,6 +26,50 @@ def mean_ci95(values: Sequence[float],
     if bounds is not None:  # a t-interval can leave a bounded metric's range (e.g. accuracy near 1)
         low, high = max(low, bounds[0]), min(high, bounds[1])
     return {"mean": mean, "ci95": [low, high], "std": float(x.std(ddof=1)), "n": len(x)}
+
+
+def metric_block(items: Sequence[Mapping[str, Any]], metrics: Sequence[str],
+                 structure_metrics: Sequence[str] = ("dice", "hd95")) -> dict[str, Any]:
+    """Mean and 95% CI over items (episodes or pairs) of each metric, overall and per structure.
+
+    Args:
+        items: one mapping per item: a float per name in `metrics`, and `per_structure`
+            (`{structure: {metric: float}}`, the structures that item scores).
+        metrics: the overall metrics; an item whose value is not finite (a pair without a labelled structure) is
+            left out of that metric (NaN when no item has one).
+        structure_metrics: the metrics of each structure, over the items that score it.
+
+    Returns:
+        `{"metrics": {metric: mean_ci95}, "per_structure": {structure: {metric: mean_ci95}}}`, structures sorted.
+    """
+    overall = {k: mean_ci95([float(it[k]) for it in items if np.isfinite(it[k])] or [float("nan")]) for k in metrics}
+    names = sorted({name for it in items for name in it["per_structure"]})
+    per = {name: {k: mean_ci95([it["per_structure"][name][k] for it in items if name in it["per_structure"]])
+                  for k in structure_metrics} for name in names}
+    return {"metrics": overall, "per_structure": per}
+
+
+def paired_differences(ours: Sequence[float], others: Mapping[str, Sequence[float]],
+                       metric: str = "dice") -> dict[str, dict[str, Any]]:
+    """Ours minus each other method, item by item on the same episodes (or pairs): mean and 95% CI.
+
+    Every method is scored on the same items, so the paired difference says whether ours is lower on the same
+    items, which two overlapping unpaired intervals cannot.
+
+    Returns:
+        `{name: {metric: mean_ci95}}` for each name of `others`.
+
+    Raises:
+        ValueError: a method scored another number of items than ours.
+    """
+    a = np.asarray(ours, dtype=float)
+    out = {}
+    for name, theirs in others.items():
+        b = np.asarray(theirs, dtype=float)
+        if b.shape != a.shape:
+            raise ValueError(f"paired difference with {name}: {len(b)} items against {len(a)}")
+        out[name] = {metric: mean_ci95(list(a - b))}
+    return out
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,42 @@ def write_json(obj: Any, path: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+# --- summary tables -------------------------------------------------------------------------------------------
+def ci_text(m: dict[str, Any], digits: int = 3, scale: float = 1.0, signed: bool = False) -> str:
+    """`mean [low, high]` of a `mean_ci95` mapping, each times `scale`; `signed` writes `+` on positive numbers."""
+    spec = f"{'+' if signed else ''}.{digits}f"
+    low, high = m["ci95"]
+    return f"{m['mean'] * scale:{spec}} [{low * scale:{spec}}, {high * scale:{spec}}]"
+
+
+def text_table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]], notes: Sequence[str] = ()) -> str:
+    """A plain-text table: `title`, then the header and the rows in left-aligned columns, then `notes` lines."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  " + "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return "\n".join([title, line(header), *(line(r) for r in rows), *notes])
+
+
+def paired_lines(report: dict[str, Any], ours: str, names: dict[str, str], label: str = "Dice") -> list[str]:
+    """One line per entry of `report["paired"]`: `paired Dice, OURS minus NAME: +mean [+low, +high]`.
+
+    `names` maps a `paired` key (e.g. `baseline_atlas`) to the name to print (default: the key).
+    """
+    metric = label.lower()
+    return [f"  paired {label}, {ours} minus {names.get(key, key)}: {ci_text(diff[metric], signed=True)}"
+            for key, diff in report.get("paired", {}).items()]
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> None:
+    """Lay out, write atomically as PNG and close a matplotlib figure."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     """Training loss and (classification) episode accuracy against iteration."""
     fig, axes = plt.subplots(1, 2 if "accuracy" in curves else 1, figsize=(9, 3.5), squeeze=False)
@@ -28,10 +65,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
     if "accuracy" in curves:
         axes[0, 1].plot(curves["iteration"], curves["accuracy"])
         axes[0, 1].set(xlabel="iteration", ylabel="query accuracy", title="training-episode accuracy", ylim=(0, 1))
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_accuracy(per_episode: dict[str, list[float]], chance: float, path: Path) -> None:
@@ -42,10 +76,7 @@ def plot_accuracy(per_episode: dict[str, list[float]], chance: float, path: Path
     ax.axhline(chance, color="grey", linestyle="--", label=f"chance {chance:.2f}")
     ax.set(ylabel="episode accuracy", ylim=(0, 1.02), title="novel-class accuracy over evaluation episodes")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --- segmentation ------------------------------------------------------------------------------------
@@ -68,10 +99,7 @@ def plot_dice_boxes(per_method: dict[str, dict[str, list[float]]], path: Path) -
     ax.set_xticks(range(len(structures)), structures, rotation=20)
     ax.set(ylabel="Dice per episode", ylim=(0, 1.02), title="held-out structures over evaluation episodes")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_overlay(support: Any, support_mask: Any, query: Any, truth: Any, pred: Any, title: str,
@@ -95,10 +123,7 @@ def plot_overlay(support: Any, support_mask: Any, query: Any, truth: Any, pred: 
     show(axes[2], query, pred, "prediction", "red")
     show(axes[3], query, truth, "ground truth", "lime")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # --- classification ----------------------------------------------------------------------------------
@@ -118,7 +143,4 @@ def plot_confusion(matrix: Any, classes: list[str], path: Path, title: str = "no
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

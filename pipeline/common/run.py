@@ -145,20 +145,23 @@ def write_config(cfg: Config, run_dir: Path) -> None:
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    """The resolved config a run was trained with, with `evaluate --set` items (checked by `evaluation_tag`)."""
-    evaluation_tag(overrides or [])
-    raw = apply_overrides(yaml.safe_load((run_dir / "config.yaml").read_text()), overrides or [])
+    """The resolved config a run was trained with, with `evaluate --set` items (checked by `evaluation_tag` against
+    the run's task kind)."""
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    evaluation_tag(overrides or [], raw.get("task", "classification"))
+    raw = apply_overrides(raw, overrides or [])
     return validate(raw, source=str(run_dir / "config.yaml"))
 
 
-def evaluation_files(run_dir: Path, overrides: list[str] | None, out: Path | None) -> tuple[Path, Path, str]:
+def evaluation_files(run_dir: Path, overrides: list[str] | None, out: Path | None,
+                     task: str) -> tuple[Path, Path, str]:
     """Where an evaluation keeps its episode set and report, and the suffix of its plots' names.
 
     Without episode-changing overrides: `RUN/episodes.json`, `RUN/report.json` (or `out`), no suffix. With them,
     e.g. `--set shots=5`: `RUN/episodes_shots5.json`, `RUN/report_shots5.json` (or `out`), plots `*_shots5.png`,
-    so the run's own evaluation is neither reused nor overwritten.
+    so the run's own evaluation is neither reused nor overwritten. `task` is the run's task kind (`EVAL_KEYS`).
     """
-    tag = evaluation_tag(overrides or [])
+    tag = evaluation_tag(overrides or [], task)
     suffix = f"_{tag}" if tag else ""
     return run_dir / f"episodes{suffix}.json", Path(out or run_dir / f"report{suffix}.json"), suffix
 

@@ -6,6 +6,7 @@ affine + demons on the same pairs, with paired Dice differences; writes `report.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -15,14 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from datasets.volume import FewscanError
-from pipeline.common.report import write_json
-from pipeline.common.run import load_run_config, load_weights, seed_everything, set_threads
+from datasets.volume import FewscanError, InputError
+from pipeline.common.config import Config
+from pipeline.common.episodes import load_episode_set, save_episode_set
+from pipeline.common.metrics import dice_hd95, metric_block, paired_differences
+from pipeline.common.report import ci_text, paired_lines, text_table, write_json
+from pipeline.common.run import evaluation_files, load_run_config, load_weights, seed_everything, set_threads
 from pipeline.registration.deformation import warp_array
-from pipeline.registration.episodes import (
-    PairData,
-    roles,
-)
+from pipeline.registration.episodes import PairData, patient_groups, registration_tasks, roles
 from pipeline.registration.network import (
     Losses,
     adapted,
@@ -35,18 +36,11 @@ warnings.filterwarnings("ignore", message=".*To copy construct from a tensor.*")
 warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")  # MONAI deform.py
 
 
-
-
-
-
-
-
 # --- evaluation ------------------------------------------------------------------------------------------------
 def pair_metrics(warped_labels: np.ndarray, fixed_labels: np.ndarray, ddf: np.ndarray, spacing: tuple[float, ...],
                  structures: dict[str, str]) -> dict[str, Any]:
     """Learn2Reg metrics of one pair: per-structure Dice/HD95 (structures present in the fixed labels), their
     means, share of folded voxels and SD of the log Jacobian determinant."""
-    from pipeline.common.metrics import dice_hd95
     from pipeline.registration.deformation import folding_ratio, jacobian_determinant, log_jacobian_std
 
     per: dict[str, dict[str, float]] = {}
@@ -62,28 +56,16 @@ def pair_metrics(warped_labels: np.ndarray, fixed_labels: np.ndarray, ddf: np.nd
 
 
 def _block(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± 95% CI over pairs of each metric, and per structure."""
-    from pipeline.common.metrics import mean_ci95
-
-    metrics = {k: mean_ci95([r[k] for r in rows if np.isfinite(r[k])] or [float("nan")])
-               for k in ("dice", "hd95", "folding", "log_jac_std", "seconds")}
-    names = sorted({n for r in rows for n in r["per_structure"]})
-    per = {n: {k: mean_ci95([r["per_structure"][n][k] for r in rows if n in r["per_structure"]])
-               for k in ("dice", "hd95")} for n in names}
-    return {"metrics": metrics, "per_structure": per, "per_pair": {"dice": [float(r["dice"]) for r in rows]}}
+    """Mean ± 95% CI over pairs of each metric, and per structure (`metric_block`), plus each pair's Dice."""
+    return {**metric_block(rows, ("dice", "hd95", "folding", "log_jac_std", "seconds")),
+            "per_pair": {"dice": [float(r["dice"]) for r in rows]}}
 
 
 def paired(report: dict[str, Any]) -> dict[str, Any]:
-    """fewscan minus each SimpleITK baseline, pair by pair on the same pairs: Dice difference mean ± 95% CI.
-
-    The unpaired intervals of two methods overlap easily on 20 pairs; the paired difference says whether fewscan's
-    Dice is lower on the same pairs.
-    """
-    from pipeline.common.metrics import mean_ci95
-
-    ours = np.asarray(report["per_pair"]["dice"])
-    return {key: {"dice": mean_ci95(list(ours - np.asarray(report[key]["per_pair"]["dice"])))}
-            for key in ("baseline_affine", "baseline_sitk") if key in report}
+    """fewscan minus each SimpleITK baseline, pair by pair on the same pairs: Dice difference mean ± 95% CI
+    (`paired_differences`; the unpaired intervals of two methods overlap easily on 20 pairs)."""
+    return paired_differences(report["per_pair"]["dice"], {key: report[key]["per_pair"]["dice"] for key in
+                                                           ("baseline_affine", "baseline_sitk") if key in report})
 
 
 def _network_rows(model: torch.nn.Module, data: PairData, losses: Losses, instance_steps: int,
@@ -121,57 +103,135 @@ def _sitk_rows(data: PairData, kind: str) -> list[dict[str, Any]]:
     return rows
 
 
+# --- the pairs ---------------------------------------------------------------------------------------------------
+def evaluation_pairs(cfg: Config, run_dir: Path, episodes_path: Path,
+                     episodes_file: Path | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """The pairs to score and the file they come from: `episodes_file` (checked), else `episodes_path` when an
+    earlier `evaluate --episodes` copied one there, else the `eval` pairs fixed at training (`pairs.json`).
+
+    Raises:
+        InputError: the file (named) holds other episodes than registration pairs, or a pair that is not two
+            labelled held-out (eval) cases of one task of the run's data.
+    """
+    if episodes_file is None and not episodes_path.exists():
+        return json.loads((run_dir / "pairs.json").read_text())["eval"], run_dir / "pairs.json"
+    source = Path(episodes_file if episodes_file is not None else episodes_path)
+    pairs = load_episode_set(source, "registration")
+    check_pairs(pairs, cfg, source)
+    return pairs, source
+
+
+def check_pairs(pairs: list[dict[str, Any]], cfg: Config, path: Path) -> None:
+    """Check pair records (as `fixed_pairs` writes them) against the run's data: each pair is one moving and one
+    fixed labelled case of the held-out (`eval`) patients of one task, paired as `registration.pairing` says,
+    and names that task's channel, modality and structures.
+
+    Raises:
+        InputError: naming `path`, the pair and what is wrong.
+    """
+    tasks = {t.name: t for t in registration_tasks(cfg) if t.primary}
+    for n, pair in enumerate(pairs):
+        task = tasks.get(pair.get("task"))
+        if task is None:
+            raise InputError(path, f"pair {n}: task {pair.get('task')!r} is not one of this run's ({sorted(tasks)})")
+        expected = {"channel": task.channel, "modality": task.modality,
+                    "structures": {str(k): v for k, v in task.structures.items()}}
+        for key, value in expected.items():
+            if pair.get(key) != value:
+                raise InputError(path, f"pair {n}: {key} {pair.get(key)!r}, but {task.name} has {value!r}")
+        held = set(patient_groups(task, cfg)["eval"])
+        known = {c.case_id: c for c in task.cases if c.patient_key in held}
+        if sorted(c["role"] for c in pair["cases"]) != ["fixed", "moving"]:
+            raise InputError(path, f"pair {n}: a pair is one moving and one fixed case")
+        for case in pair["cases"]:
+            reg = known.get(case["case_id"])
+            if reg is None:
+                raise InputError(path, f"pair {n}: case {case['case_id']!r} is not a held-out (eval) case of "
+                                 f"{task.name}")
+            if (case.get("image"), case.get("label")) != (reg.image, reg.label) or reg.label is None:
+                raise InputError(path, f"pair {n}: case {case['case_id']!r} must name this run's image "
+                                 f"{reg.image} and label map {reg.label} (Dice needs labels on both sides)")
+        moving, fixed = (known[c["case_id"]] for c in roles(pair))
+        if moving is fixed or (moving.patient_key != fixed.patient_key) != (cfg.registration.pairing == "inter"):
+            raise InputError(path, f"pair {n}: not an {cfg.registration.pairing}-subject pair")
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------
 def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None = None,
              overrides: list[str] | None = None) -> dict[str, Any]:
     """Adapt the meta-learned network on the adaptation pairs, score it, the unregistered pairs and SimpleITK on
-    the held-out pairs; writes `report.json`."""
-    if episodes_file is not None:
-        raise FewscanError("evaluate --episodes is not supported for this task kind yet")
-    import json
+    the held-out pairs; writes `report.json`.
 
+    With `episodes_file` (pairs from `python -m pipeline episodes`), exactly those pairs are scored (checked before
+    anything is written, then copied into the run as `episodes.json`). `overrides` (`--set
+    registration.instance_steps=5`) change the test-time adaptation, into their own files (`evaluation_files`).
+    """
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    episodes_path, out, _ = evaluation_files(run_dir, overrides, out, cfg.task)
     set_threads(cfg)
-    rcfg = cfg.registration
     seed_everything(cfg.seed)
-    pairs = json.loads((run_dir / "pairs.json").read_text())
-    evaluation = PairData(cfg, pairs["eval"])
-    if any(evaluation.volumes(i)[2] is None or evaluation.volumes(i)[3] is None for i in range(len(pairs["eval"]))):
+    pairs, source = evaluation_pairs(cfg, run_dir, episodes_path, episodes_file)
+    evaluation = PairData(cfg, pairs)
+    if any(evaluation.volumes(i)[2] is None or evaluation.volumes(i)[3] is None for i in range(len(pairs))):
         raise FewscanError(f"{cfg.data.root}: evaluation pairs need label maps on both sides for Dice")
-    losses = Losses(rcfg, n_labels(pairs["eval"]))
+    if episodes_file is not None and source.resolve() != episodes_path.resolve():
+        save_episode_set(pairs, episodes_path)
+    adapt_pairs = json.loads((run_dir / "pairs.json").read_text())["adapt"]
+    losses = Losses(cfg.registration, n_labels(pairs))
     model = load_weights(build_net(cfg, evaluation.shape), run_dir / "model.safetensors")
-    report: dict[str, Any] = {"task": "registration", "method": f"{rcfg.meta}+{rcfg.network}",
-                              "episodes": len(pairs["eval"]), "pairs": len(pairs["eval"]),
-                              "adapt_pairs": len(pairs["adapt"]), "tasks": sorted({p["task"] for p in pairs["eval"]})}
-    identity = [{**pair_metrics(evaluation.volumes(i)[2].array, evaluation.volumes(i)[3].array,
-                                np.zeros((3, *evaluation.shape), np.float32), evaluation.volumes(i)[1].spacing,
-                                p["structures"]), "seconds": 0.0} for i, p in enumerate(pairs["eval"])]
-    report["unregistered"] = _block(identity)
-    if pairs["adapt"] and rcfg.adapt_steps:
-        report["meta_init"] = _block(_network_rows(model, evaluation, losses, rcfg.instance_steps, rcfg.instance_lr))
-        support = PairData(cfg, pairs["adapt"])
-        rng = np.random.default_rng(cfg.seed)
-        size = min(rcfg.pairs_per_task, len(pairs["adapt"]))
-        start = time.perf_counter()
-        model = adapted(model, losses, lambda: support.batch(list(rng.choice(len(pairs["adapt"]), size, False))),
-                        rcfg.adapt_steps, rcfg.adapt_lr, labels=True)
-        report["adapt_seconds"] = time.perf_counter() - start
-    report.update(_block(_network_rows(model, evaluation, losses, rcfg.instance_steps, rcfg.instance_lr)))
-    if rcfg.baseline_affine:
-        report["baseline_affine"] = {"kind": "affine", **_block(_sitk_rows(evaluation, "affine"))}
-    if rcfg.baseline != "none":
-        report["baseline_sitk"] = {"kind": rcfg.baseline, **_block(_sitk_rows(evaluation, rcfg.baseline))}
+    report: dict[str, Any] = {"task": "registration", "method": f"{cfg.registration.meta}+{cfg.registration.network}",
+                              "episodes": len(pairs), "pairs": len(pairs), "adapt_pairs": len(adapt_pairs),
+                              "tasks": sorted({p["task"] for p in pairs})}
+    report["unregistered"] = _block(_identity_rows(evaluation))
+    report.update(_network_blocks(cfg, model, losses, evaluation, adapt_pairs))
+    report.update(_baseline_blocks(cfg, evaluation))
     report["paired"] = paired(report)
-    write_json(report, out or run_dir / "report.json")
+    write_json(report, out)
     return report
+
+
+def _identity_rows(data: PairData) -> list[dict[str, Any]]:
+    """The pairs scored without registration (a zero displacement field)."""
+    rows = []
+    for i, pair in enumerate(data.pairs):
+        _, fv, ml, fl = data.volumes(i)
+        rows.append({**pair_metrics(ml.array, fl.array, np.zeros((3, *data.shape), np.float32), fv.spacing,
+                                    pair["structures"]), "seconds": 0.0})
+    return rows
+
+
+def _network_blocks(cfg: Config, model: torch.nn.Module, losses: Losses, evaluation: PairData,
+                    adapt_pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The network's block (top level of the report), after adapting on `adapt_pairs` when there are any and
+    `adapt_steps` > 0; then also `meta_init` (the meta-learned weights before adaptation) and `adapt_seconds`."""
+    rcfg = cfg.registration
+    out: dict[str, Any] = {}
+    if adapt_pairs and rcfg.adapt_steps:
+        out["meta_init"] = _block(_network_rows(model, evaluation, losses, rcfg.instance_steps, rcfg.instance_lr))
+        support = PairData(cfg, adapt_pairs)
+        rng = np.random.default_rng(cfg.seed)
+        size = min(rcfg.pairs_per_task, len(adapt_pairs))
+        start = time.perf_counter()
+        model = adapted(model, losses, lambda: support.batch(list(rng.choice(len(adapt_pairs), size, False))),
+                        rcfg.adapt_steps, rcfg.adapt_lr, labels=True)
+        out["adapt_seconds"] = time.perf_counter() - start
+    out.update(_block(_network_rows(model, evaluation, losses, rcfg.instance_steps, rcfg.instance_lr)))
+    return out
+
+
+def _baseline_blocks(cfg: Config, evaluation: PairData) -> dict[str, Any]:
+    """`baseline_affine` and `baseline_sitk` (SimpleITK on the same pairs), as configured."""
+    rcfg, out = cfg.registration, {}
+    if rcfg.baseline_affine:
+        out["baseline_affine"] = {"kind": "affine", **_block(_sitk_rows(evaluation, "affine"))}
+    if rcfg.baseline != "none":
+        out["baseline_sitk"] = {"kind": rcfg.baseline, **_block(_sitk_rows(evaluation, rcfg.baseline))}
+    return out
 
 
 def summary_table(report: dict[str, Any]) -> str:
     """Plain-text table: Dice, HD95, folding, SD log Jacobian and seconds per pair for every method."""
-    def fmt(m: dict[str, Any], scale: float = 1.0, digits: int = 3) -> str:
-        low, high = m["ci95"]
-        return f"{m['mean'] * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
-
     rows = [("unregistered", report["unregistered"])]
     if "baseline_affine" in report:
         rows.append(("SimpleITK affine", report["baseline_affine"]))
@@ -180,19 +240,11 @@ def summary_table(report: dict[str, Any]) -> str:
     if "meta_init" in report:
         rows.append(("fewscan meta-init", report["meta_init"]))
     rows.append((f"fewscan {report['method']}" + (" adapted" if "meta_init" in report else ""), report))
-    lines = [f"registration: {report['pairs']} held-out pairs of {', '.join(report['tasks'])}, "
-             f"adapted on {report['adapt_pairs']} pairs; mean [95% CI]",
-             f"{'method':<34}{'Dice':<24}{'HD95 mm':<24}{'folding %':<12}{'SD logJ':<10}{'s/pair':<8}"]
-    for name, block in rows:
-        m = block["metrics"]
-        lines.append(f"{name:<34}{fmt(m['dice']):<24}{fmt(m['hd95'], digits=2):<24}{m['folding']['mean'] * 100:<12.3f}"
-                     f"{m['log_jac_std']['mean']:<10.3f}{m['seconds']['mean']:<8.2f}")
-    for key, diff in report.get("paired", {}).items():
-        lines.append(f"paired Dice, fewscan minus SimpleITK {report[key]['kind']}: {fmt(diff['dice'])}")
-    return "\n".join(lines)
-
-
-
-
-
-
+    cells = [[name, ci_text(m["dice"]), ci_text(m["hd95"], digits=2), f"{m['folding']['mean'] * 100:.3f}",
+              f"{m['log_jac_std']['mean']:.3f}", f"{m['seconds']['mean']:.2f}"]
+             for name, m in ((name, block["metrics"]) for name, block in rows)]
+    names = {key: f"SimpleITK {report[key]['kind']}" for key in report.get("paired", {})}
+    return text_table(f"registration: {report['pairs']} held-out pairs of {', '.join(report['tasks'])}, "
+                      f"adapted on {report['adapt_pairs']} pairs; mean [95% CI]",
+                      ["method", "Dice", "HD95 mm", "folding %", "SD logJ", "s/pair"], cells,
+                      paired_lines(report, "fewscan", names))

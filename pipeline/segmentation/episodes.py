@@ -23,13 +23,12 @@ import torch
 
 from datasets.volume import FewscanError
 from pipeline.common.config import Config, SegmentationConfig
-from pipeline.common.episodes import EpisodeStream
+from pipeline.common.episodes import EpisodeStream, stream_seed
 from pipeline.segmentation.data import Case, load_cases, make_case, split_patients, split_structures
 from pipeline.segmentation.supervoxels import body_mask, pick_region, supervoxels
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED_OFFSET = 1_000_003  # evaluation episodes: their own seed stream
 
 
 
@@ -76,10 +75,16 @@ def role_ids(episode: dict[str, Any], role: str) -> list[str]:
     return [c["case_id"] for c in episode["cases"] if c["role"] == role]
 
 
-def fixed_episodes(cfg: Config, split: str, n: int, cases: list[Case] | None = None) -> list[dict[str, Any]]:
+def fixed_episodes(cfg: Config, split: str, n: int, cases: list[Case] | None = None,
+                   split_seed: int | None = None) -> list[dict[str, Any]]:
     """A seeded, fixed list of `n` labelled episodes per structure of `split` ("test"/"novel" or "train"/"base").
 
     Exactly the episodes `pipeline.segmentation.evaluate.evaluate` scores (split "test", n = `episodes.eval_episodes`).
+    Drawn from the evaluation stream (`stream_seed(cfg.seed, "evaluation")`) whatever the split, as classification's.
+
+    Args:
+        split_seed: the seed the run's patients were split with (default `cfg.seed`); `evaluate --set seed=N`
+            draws other episodes from the same held-out patients.
 
     Returns:
         `[{"structure", "cases": [{"role", "case_id", "patient_key", "structure"}, ...]}, ...]`, structures in
@@ -92,9 +97,10 @@ def fixed_episodes(cfg: Config, split: str, n: int, cases: list[Case] | None = N
     split = aliases[split]
     cases = load_cases(cfg) if cases is None else cases
     structures = split_structures(cases, cfg.segmentation.held_out)[split]
-    train_cases, test_cases = split_patients(cases, cfg.segmentation.test_patients, cfg.seed)
+    train_cases, test_cases = split_patients(cases, cfg.segmentation.test_patients,
+                                             cfg.seed if split_seed is None else split_seed)
     pool = test_cases if split == "test" else train_cases
-    rng = np.random.default_rng([cfg.seed, EVAL_SEED_OFFSET if split == "test" else 0])
+    rng = np.random.default_rng(stream_seed(cfg.seed, "evaluation"))
     episodes = []
     for structure in structures:
         seen: set[tuple[tuple[str, ...], tuple[str, ...]]] = set()
@@ -272,7 +278,8 @@ class SegEpisodes(EpisodeStream):
         self.cases, self.cfg, self.split = cases, cfg, split
 
     def make(self, i: int) -> tuple[torch.Tensor, ...]:
-        return training_episode(self.cases, self.cfg, np.random.default_rng([self.cfg.seed, i]), self.split)
+        rng = np.random.default_rng([stream_seed(self.cfg.seed, "train"), i])
+        return training_episode(self.cases, self.cfg, rng, self.split)
 
 
 def precompute_supervoxels(cases: list[Case], scfg: SegmentationConfig, workers: int = 0) -> None:

@@ -1,6 +1,6 @@
 """Segmentation evaluation: every method and baseline on fixed held-out-structure episodes.
 
-`evaluate` adds to a run directory `episodes.json`,
+`evaluate` adds to a run directory `episodes.json` (the episodes scored, or a copy of `evaluate --episodes FILE`),
 `report.json`, `dice.png` (box plot per structure and method) and `overlay_<structure>.png`.
 
 Evaluation protocol. 3D mode: the whole support volume(s) and their masks give the prototypes (or the adaptation
@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from datasets.volume import FewscanError, Volume
+from datasets.volume import InputError, Volume
 from pipeline.common.config import Config
-from pipeline.common.metrics import dice_hd95, mean_ci95
+from pipeline.common.episodes import load_episode_set, save_episode_set
+from pipeline.common.metrics import dice_hd95, metric_block, paired_differences
 from pipeline.common.progress import progress
-from pipeline.common.report import plot_dice_boxes, plot_overlay, write_json
+from pipeline.common.report import ci_text, paired_lines, plot_dice_boxes, plot_overlay, text_table, write_json
 from pipeline.common.run import evaluation_files, load_run_config, load_weights, set_threads
-from pipeline.segmentation.data import Case, load_cases
+from pipeline.segmentation.data import Case, load_cases, split_patients, split_structures
 from pipeline.segmentation.episodes import fixed_episodes, role_ids
 from pipeline.segmentation.train import build_model
 
@@ -36,12 +37,6 @@ log = logging.getLogger(__name__)
 EMPTY_MASK_POLICY = ("Dice/HD95 per query with monai.metrics (no aggregate()); prediction empty but truth not: "
                      "Dice 0, HD95 = volume diagonal in mm; both empty: Dice 1, HD95 0")
 Predictor = Callable[[torch.Tensor], torch.Tensor]
-
-
-
-
-
-
 
 
 # --- running one method on one query ------------------------------------------------------------------
@@ -145,33 +140,94 @@ def method_runners(cfg: Config, run_dir: Path) -> dict[str, Callable[..., np.nda
     return runners
 
 
+# --- the episodes --------------------------------------------------------------------------------------
+def evaluation_episodes(cfg: Config, run_dir: Path, cases: list[Case], episodes_path: Path,
+                        episodes_file: Path | None = None) -> list[dict[str, Any]]:
+    """The episodes to score: `episodes_file` (checked, then copied to `episodes_path`), else `episodes_path` when
+    it exists, else a fresh seeded set (what `python -m pipeline episodes` writes for the run's config) saved there.
+
+    Raises:
+        InputError: the file (named) holds another task's episodes, a structure the run does not hold out, a case
+            outside the run's held-out patients, or other K / Q than the config; it is then not copied.
+    """
+    split_seed = load_run_config(run_dir).seed  # the run's patient split, even under `evaluate --set seed=N`
+    if episodes_file is None and not episodes_path.exists():
+        episodes = fixed_episodes(cfg, "test", cfg.episodes.eval_episodes, cases, split_seed=split_seed)
+        write_json(episodes, episodes_path)
+        return episodes
+    source = Path(episodes_file if episodes_file is not None else episodes_path)
+    episodes = load_episode_set(source, "segmentation")
+    check_episodes(episodes, cfg, cases, split_seed, source)
+    if source.resolve() != episodes_path.resolve():
+        save_episode_set(episodes, episodes_path)
+    return episodes
+
+
+def check_episodes(episodes: list[dict[str, Any]], cfg: Config, cases: list[Case], split_seed: int,
+                   path: Path) -> None:
+    """Check episode records against the run: held-out structure, held-out cases that contain it, K support and
+    1..Q query cases from disjoint patients.
+
+    Raises:
+        InputError: naming `path`, the episode and what is wrong.
+    """
+    held_out = split_structures(cases, cfg.segmentation.held_out)["test"]
+    test_ids = {c.case_id for c in split_patients(cases, cfg.segmentation.test_patients, split_seed)[1]}
+    by_id = {c.case_id: c for c in cases}
+    shots, queries = cfg.episodes.shots, cfg.episodes.queries
+    for n, ep in enumerate(episodes):
+        s, support, query = ep.get("structure"), role_ids(ep, "support"), role_ids(ep, "query")
+        if s not in held_out:
+            raise InputError(path, f"episode {n}: structure {s!r} is not held out by this run (held out: {held_out})")
+        if len(support) != shots or not 1 <= len(query) <= queries:
+            raise InputError(path, f"episode {n}: {len(support)} support and {len(query)} query cases, but the "
+                             f"config asks for {shots} and 1 to {queries}; regenerate the file with matching shots")
+        for case_id in support + query:
+            if case_id not in test_ids:
+                where = "a training case of this run" if case_id in by_id else "not in this run's data"
+                raise InputError(path, f"episode {n}: case {case_id!r} is {where}, not a held-out case")
+            if s not in by_id[case_id].structures():
+                raise InputError(path, f"episode {n}: case {case_id!r} has no {s}")
+        if {by_id[c].patient_key for c in support} & {by_id[c].patient_key for c in query}:
+            raise InputError(path, f"episode {n}: a patient is on both the support and the query side")
+
+
 # --- evaluate -----------------------------------------------------------------------------------------
 def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None = None,
              overrides: list[str] | None = None) -> dict[str, Any]:
     """Score every method on the fixed held-out-structure episodes; writes the report, box plot and overlays.
 
-    `overrides` (`--set shots=5`) evaluate the same weights another way, into their own files (`evaluation_files`).
+    With `episodes_file` (from `python -m pipeline episodes`), exactly those episodes are scored (checked before
+    anything is written, then copied into the run as `episodes.json`). `overrides` (`--set shots=5`) evaluate the
+    same weights another way, into their own files (`evaluation_files`).
     """
-    if episodes_file is not None:
-        raise FewscanError("evaluate --episodes is not supported for this task kind yet")
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
-    episodes_path, out, suffix = evaluation_files(run_dir, overrides, out)
-    scfg = cfg.segmentation
+    episodes_path, out, suffix = evaluation_files(run_dir, overrides, out, cfg.task)
     set_threads(cfg)
     cases = load_cases(cfg)
-    by_id = {c.case_id: c for c in cases}
-    if episodes_path.exists():
-        import json
-
-        episodes = json.loads(episodes_path.read_text())
-    else:
-        episodes = fixed_episodes(cfg, "test", cfg.episodes.eval_episodes, cases)
-        write_json(episodes, episodes_path)
+    episodes = evaluation_episodes(cfg, run_dir, cases, episodes_path, episodes_file)
     runners = method_runners(cfg, run_dir)
-    scores: dict[str, dict[str, list[tuple[float, float]]]] = {n: {} for n in runners}
+    overlays = _Overlays(cfg.segmentation.overlays, out.parent, suffix)
+    rows, seconds = score_episodes(cfg, episodes, {c.case_id: c for c in cases}, runners, overlays)
+    blocks = {n: _block(rows[n], seconds[n]) for n in runners}
+    per_structure_dice = {n: _dice_by_structure(b["per_episode"]) for n, b in blocks.items()}  # for the box plot
+    report = _report(cfg, episodes, blocks)
+    write_json(report, out)
+    plot_dice_boxes(per_structure_dice, out.with_name(f"dice{suffix}.png"))
+    return report
+
+
+Row = tuple[int, str, float, float]  # one query: episode index, structure, Dice, HD95
+
+
+def score_episodes(cfg: Config, episodes: list[dict[str, Any]], by_id: dict[str, Case],
+                   runners: dict[str, Callable[..., np.ndarray]],
+                   overlays: _Overlays) -> tuple[dict[str, list[Row]], dict[str, list[float]]]:
+    """Every method on every query of every episode: per method, one `Row` and the seconds taken per query."""
+    mode = cfg.segmentation.mode
+    rows: dict[str, list[Row]] = {n: [] for n in runners}
     seconds: dict[str, list[float]] = {n: [] for n in runners}
-    overlaid: set[str] = set()
     for i, ep in enumerate(progress(episodes, desc="evaluating", unit="episode")):
         s = ep["structure"]
         sup_cases = [by_id[c] for c in role_ids(ep, "support")]
@@ -179,30 +235,45 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
         for qid in role_ids(ep, "query"):
             q = by_id[qid]
             truth = q.mask(s)
-            ks = np.nonzero(truth.any(axis=(0, 1)))[0]
-            zrange = (int(ks[0]), int(ks[-1])) if scfg.mode == "2d" else None
+            ks = foreground_slices(truth)
+            zrange = (int(ks[0]), int(ks[-1])) if mode == "2d" else None
             for name, run in runners.items():
                 t0 = time.perf_counter()
                 pred = (run(supports, q, s, zrange, [c.affine for c in sup_cases]) if name == "atlas"
                         else run(supports, q, s, zrange))
                 seconds[name].append(time.perf_counter() - t0)
-                scores[name].setdefault(s, []).append((i, *dice_hd95(pred, truth, _spacing(q))))
-                if name == scfg.method and s not in overlaid and len(overlaid) < scfg.overlays:
-                    overlaid.add(s)  # one overlay per structure: its first episode
-                    k, ks_s = int(np.argmax(truth.sum((0, 1)))), int(np.argmax(supports[0][1].sum((0, 1))))
-                    plot_overlay(supports[0][0][:, :, ks_s], supports[0][1][:, :, ks_s], q.image[:, :, k],
-                                 truth[:, :, k], pred[:, :, k], f"{s}: episode {i}, query slice {k}",
-                                 out.parent / f"overlay_{s}{suffix}.png")
-    blocks = {n: _block(scores[n], seconds[n]) for n in runners}
-    per_structure_dice = {n: _dice_by_structure(b["per_episode"]) for n, b in blocks.items()}  # for the box plot
+                rows[name].append((i, s, *dice_hd95(pred, truth, _spacing(q))))
+                if name == cfg.segmentation.method:
+                    overlays.add(i, s, supports[0], q.image, truth, pred)
+    return rows, seconds
+
+
+class _Overlays:
+    """Writes `overlay_<structure>.png` for the first episode of each structure, at most `limit` of them."""
+
+    def __init__(self, limit: int, folder: Path, suffix: str) -> None:
+        self.limit, self.folder, self.suffix, self.done = limit, folder, suffix, set()
+
+    def add(self, i: int, s: str, support: tuple[np.ndarray, np.ndarray], query: np.ndarray, truth: np.ndarray,
+            pred: np.ndarray) -> None:
+        if s in self.done or len(self.done) >= self.limit:
+            return
+        self.done.add(s)
+        k, ks = int(np.argmax(truth.sum((0, 1)))), int(np.argmax(support[1].sum((0, 1))))
+        plot_overlay(support[0][:, :, ks], support[1][:, :, ks], query[:, :, k], truth[:, :, k], pred[:, :, k],
+                     f"{s}: episode {i}, query slice {k}", self.folder / f"overlay_{s}{self.suffix}.png")
+
+
+def _report(cfg: Config, episodes: list[dict[str, Any]], blocks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report: settings, the method's block at the top level, `untrained`, `baseline_<name>` and `paired`."""
+    scfg = cfg.segmentation
+    blocks = dict(blocks)
     main = blocks.pop(scfg.method)
     report = {"task": "segmentation", "method": scfg.method, "mode": scfg.mode, "supervision": scfg.supervision,
               "episodes": len(episodes), "shots": cfg.episodes.shots, "queries": cfg.episodes.queries,
               "structures": sorted({e["structure"] for e in episodes}), "empty_mask_policy": EMPTY_MASK_POLICY,
               **main, "untrained": blocks.pop("untrained"), **{f"baseline_{n}": b for n, b in blocks.items()}}
     report["paired"] = paired(report)
-    write_json(report, out)
-    plot_dice_boxes(per_structure_dice, out.with_name(f"dice{suffix}.png"))
     return report
 
 
@@ -214,53 +285,40 @@ def _dice_by_structure(per_episode: list[dict[str, Any]]) -> dict[str, list[floa
     return out
 
 
-def _block(per_structure: dict[str, list[tuple[int, float, float]]], seconds: list[float]) -> dict[str, Any]:
-    """`metrics` and `per_structure` (Dice, HD95: mean and 95% CI over episodes) plus seconds per query."""
-    per, all_d, all_h, episodes = {}, [], [], []
-    for s, rows in sorted(per_structure.items()):
-        eps: dict[int, list[tuple[float, float]]] = {}
-        for i, d, h in rows:
-            eps.setdefault(i, []).append((d, h))
-        d = [float(np.mean([x[0] for x in v])) for v in eps.values()]
-        h = [float(np.mean([x[1] for x in v])) for v in eps.values()]
-        per[s] = {"dice": mean_ci95(d), "hd95": mean_ci95(h)}
-        all_d += d
-        all_h += h
-        episodes += [{"episode": i, "structure": s, "dice": dv, "hd95": hv}
-                     for i, dv, hv in zip(eps, d, h, strict=True)]
-    return {"metrics": {"dice": mean_ci95(all_d), "hd95": mean_ci95(all_h)}, "per_structure": per,
-            "per_episode": sorted(episodes, key=lambda e: e["episode"]),
+def _block(rows: list[Row], seconds: list[float]) -> dict[str, Any]:
+    """`metrics` and `per_structure` (Dice, HD95: mean and 95% CI over episodes), `per_episode` (an episode's Dice
+    and HD95 are the means over its queries) and seconds per query."""
+    queries: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for i, s, d, h in rows:
+        queries.setdefault((s, i), []).append((d, h))
+    # structure by structure, episodes in order: the order the overall mean has always been summed in
+    episodes = [{"episode": i, "structure": s, "dice": float(np.mean([q[0] for q in v])),
+                 "hd95": float(np.mean([q[1] for q in v]))} for (s, i), v in sorted(queries.items())]
+    items = [{**e, "per_structure": {e["structure"]: e}} for e in episodes]
+    return {**metric_block(items, ("dice", "hd95")), "per_episode": sorted(episodes, key=lambda e: e["episode"]),
             "seconds_per_query": float(np.mean(seconds)) if seconds else 0.0}
 
 
 def paired(report: dict[str, Any]) -> dict[str, Any]:
-    """The method minus each baseline (and the untrained weights), episode by episode: Dice difference, mean ± 95% CI.
+    """The method minus each baseline (and the untrained weights), episode by episode: Dice difference, mean ± 95% CI
+    (`paired_differences`). The episodes row of `episodes.json` with the same index names the structure and cases
+    (by id) of each `per_episode` entry."""
+    def dice(block: dict[str, Any]) -> list[float]:
+        return [e["dice"] for e in block["per_episode"]]
 
-    Every method segments the same queries from the same supports, so the paired difference says whether the
-    method is lower on the same episodes, which two overlapping unpaired intervals cannot. The episodes row of
-    `episodes.json` with the same index names the structure and cases (by id) of each `per_episode` entry.
-    """
-    ours = np.asarray([e["dice"] for e in report["per_episode"]])
-    return {key: {"dice": mean_ci95(list(ours - np.asarray([e["dice"] for e in report[key]["per_episode"]])))}
-            for key in report if key == "untrained" or key.startswith("baseline_")}
+    return paired_differences(dice(report), {key: dice(report[key]) for key in report
+                                             if key == "untrained" or key.startswith("baseline_")})
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """Text table: one row per method (Dice and HD95 with 95% CIs, seconds per query), then per structure."""
+    """Text table: one row per method (Dice and HD95 with 95% CIs, seconds per query), then per structure and the
+    paired differences."""
     blocks = {report["method"]: report, "untrained": report["untrained"],
               **{k.removeprefix("baseline_"): v for k, v in report.items() if k.startswith("baseline_")}}
-    lines = [f"{report['shots']}-shot {report['mode']} segmentation of {report['structures']}, "
-             f"{report['episodes']} episodes ({report['supervision']}-supervised {report['method']})",
-             f"  {'method':<10} {'Dice':>6}  {'95% CI':<16} {'HD95 mm':>8}  {'s/query':>8}"]
-    for name, b in blocks.items():
-        d, h = b["metrics"]["dice"], b["metrics"]["hd95"]
-        lines.append(f"  {name:<10} {d['mean']:6.3f}  [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]  {h['mean']:8.1f}  "
-                     f"{b['seconds_per_query']:8.2f}")
-    for s, m in report["per_structure"].items():
-        lo, hi = m["dice"]["ci95"]
-        lines.append(f"  {report['method']} {s}: Dice {m['dice']['mean']:.3f} [{lo:.3f}, {hi:.3f}]")
-    for key, diff in report.get("paired", {}).items():
-        d = diff["dice"]
-        lines.append(f"  paired Dice, {report['method']} minus {key.removeprefix('baseline_')}: {d['mean']:+.3f} "
-                     f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
-    return "\n".join(lines)
+    rows = [[name, ci_text(b["metrics"]["dice"]), ci_text(b["metrics"]["hd95"], digits=1),
+             f"{b['seconds_per_query']:.2f}"] for name, b in blocks.items()]
+    notes = [f"  {report['method']} {s}: Dice {ci_text(m['dice'])}" for s, m in report["per_structure"].items()]
+    notes += paired_lines(report, report["method"], {k: k.removeprefix("baseline_") for k in report.get("paired", {})})
+    return text_table(f"{report['shots']}-shot {report['mode']} segmentation of {report['structures']}, "
+                      f"{report['episodes']} episodes ({report['supervision']}-supervised {report['method']}); "
+                      "mean [95% CI]", ["method", "Dice", "HD95 mm", "s/query"], rows, notes)
