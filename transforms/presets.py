@@ -33,7 +33,6 @@ from monai.transforms import (
 from datasets.volume import Volume
 from transforms.config import TransformConfig
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 # Standard radiology windows as (low, high) HU: soft tissue W400/L40, lung W1500/L-600, bone W1800/L400.
@@ -208,8 +207,3 @@ def image_2d(array: np.ndarray, size: Sequence[int] | None = None) -> torch.Tens
                                                 antialias=True)
         x = batch if x.ndim == 4 else batch[0]
     return x
-
-
-def lps_to_ras(point: Sequence[float]) -> np.ndarray:
-    """DICOM patient coordinates (LPS) to RAS: negate x and y."""
-    return LPS_TO_RAS @ np.asarray(point, dtype=float)

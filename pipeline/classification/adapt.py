@@ -85,7 +85,8 @@ def load_item(path: Path, cfg: Config, item_shape: tuple[int, ...], centre: list
     from monai.transforms import ResizeWithPadOrCrop
 
     from datasets.sources import is_nifti, load_image, load_nifti
-    from transforms.presets import crop_around, image_2d, lps_to_ras, prepare, volume_to_dict
+    from datasets.world import lps_to_ras
+    from transforms.presets import crop_around, image_2d, prepare, volume_to_dict
 
     path = Path(path)
     if not path.exists():

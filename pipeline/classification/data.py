@@ -23,9 +23,10 @@ import numpy as np
 import torch
 
 from datasets.volume import FewscanError, InputError
+from datasets.world import lps_to_ras
 from pipeline.common.config import Config
 from pipeline.common.progress import progress
-from transforms.presets import crop_around, image_2d, lps_to_ras, prepare, volume_to_dict
+from transforms.presets import crop_around, image_2d, prepare, volume_to_dict
 
 log = logging.getLogger(__name__)
 
