@@ -29,6 +29,7 @@ from datasets.volume import FewscanError, InputError, Volume
 from pipeline.common.config import Config
 from pipeline.common.episodes import EpisodeStream
 from pipeline.common.progress import progress
+from pipeline.common.splits import assign_patients
 
 SPLITS = ("train", "adapt", "eval")
 # One batch of pairs: moving `(B, 1, *S)`, fixed `(B, 1, *S)`, moving labels and fixed labels `(B, 1, *S)` or None.
@@ -105,7 +106,8 @@ def registration_tasks(cfg: Config) -> list[RegTask]:
 
 
 def patient_groups(task: RegTask, cfg: Config) -> dict[str, list[str]]:
-    """Seeded split of a primary task's patients into `train` / `adapt` / `eval` (sorted keys).
+    """Seeded split of a primary task's patients into `train` / `adapt` / `eval` (sorted keys), dealt by
+    `pipeline.common.splits.assign_patients`.
 
     Depends only on the set of patients and the seed, so every channel of one folder gets the same split.
     """
@@ -113,7 +115,6 @@ def patient_groups(task: RegTask, cfg: Config) -> dict[str, list[str]]:
     patients = sorted({c.patient_key for c in task.cases})
     if not task.primary:
         return {"train": patients, "adapt": [], "eval": []}
-    order = [patients[i] for i in np.random.default_rng(cfg.seed).permutation(len(patients))]
     least = 2 if rcfg.pairing == "inter" else 1  # patients an inter-subject group needs to form one pair
     if 0 < rcfg.adapt_patients < least:
         raise FewscanError(f"registration.adapt_patients must be 0 or at least {least} for {rcfg.pairing} pairs")
@@ -121,9 +122,7 @@ def patient_groups(task: RegTask, cfg: Config) -> dict[str, list[str]]:
     if len(patients) - n_held < least:
         raise FewscanError(f"{task.name}: {len(patients)} patients are too few to hold out {n_held} "
                            f"(lower registration.test_patients / adapt_patients)")
-    held = order[:n_held]
-    return {"train": sorted(order[n_held:]), "adapt": sorted(held[:rcfg.adapt_patients]),
-            "eval": sorted(held[rcfg.adapt_patients:])}
+    return assign_patients(patients, {"adapt": rcfg.adapt_patients, "eval": n_held - rcfg.adapt_patients}, cfg.seed)
 
 
 def _case_dict(case: RegCase, role: str) -> dict[str, Any]:
