@@ -131,14 +131,14 @@ def segmentation_bench(tmp: Path, cases: int, overrides: tuple[str, ...] = ()
                        ) -> tuple[Callable[[], EpisodeStream], Callable[[Any], None]]:
     from monai.losses import DiceCELoss
 
+    from datasets.synth_decathlon import write_synthetic_organs
     from pipeline.common.config import load_config
     from pipeline.segmentation.data import load_cases, split_structures
     from pipeline.segmentation.episodes import SegEpisodes, precompute_supervoxels
-    from pipeline.segmentation.output import write_synthetic_decathlon
     from pipeline.segmentation.train import build_model
 
     if not (tmp / "seg" / "dataset.json").is_file():
-        write_synthetic_decathlon(tmp / "seg", n_cases=cases, shape=(40, 50, 40), seed=0)
+        write_synthetic_organs(tmp / "seg", n_cases=cases, shape=(40, 50, 40), seed=0)
     cfg = load_config(REPO / "configs" / "segment_decathlon_ssl.yaml", [f"data.root={tmp / 'seg'}", *overrides])
     loaded = load_cases(cfg)
     precompute_supervoxels(loaded, cfg.segmentation, workers=2)
@@ -157,12 +157,13 @@ def segmentation_bench(tmp: Path, cases: int, overrides: tuple[str, ...] = ()
 
 
 def registration_bench(tmp: Path, cases: int) -> tuple[Callable[[], EpisodeStream], Callable[[Any], None]]:
+    from datasets.synth_decathlon import write_synthetic_subjects
     from pipeline.common.config import load_config
-    from pipeline.registration.episodes import PairData, RegEpisodes, fixed_pairs, write_synthetic_decathlon
+    from pipeline.registration.episodes import PairData, RegEpisodes, fixed_pairs
     from pipeline.registration.network import Losses, reptile_step
     from pipeline.registration.train import build_net, n_labels
 
-    write_synthetic_decathlon(tmp / "reg", n_cases=cases, shape=(40, 50, 40), seed=0)
+    write_synthetic_subjects(tmp / "reg", n_cases=cases, shape=(40, 50, 40), seed=0)
     cfg = load_config(REPO / "configs" / "register_decathlon.yaml", [f"data.root={tmp / 'reg'}"])
     pairs = fixed_pairs(cfg, "train")
     data = PairData(cfg, pairs)

@@ -50,8 +50,8 @@ def load_line() -> str:
 
 # --- schedule ----------------------------------------------------------------------------------------------------
 def schedule(args: argparse.Namespace) -> None:
+    from datasets.synth_decathlon import write_synthetic_subjects
     from pipeline.common.config import load_config
-    from pipeline.registration.episodes import write_synthetic_decathlon
     from pipeline.registration.evaluate import evaluate, summary_table
     from pipeline.registration.train import train
 
@@ -59,7 +59,7 @@ def schedule(args: argparse.Namespace) -> None:
     root = work / "SynthDecathlon"
     if not (root / "dataset.json").is_file():
         t = time.perf_counter()
-        write_synthetic_decathlon(root, n_cases=args.cases, shape=(40, 50, 40), seed=0)
+        write_synthetic_subjects(root, n_cases=args.cases, shape=(40, 50, 40), seed=0)
         print(f"generated {args.cases} volumes in {time.perf_counter() - t:.1f} s")
     cfg = load_config(REPO / "configs" / "register_decathlon.yaml",
                       [f"data.root={root}", f"train.iterations={args.iterations}",

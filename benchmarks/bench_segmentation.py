@@ -30,9 +30,9 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from nibabel.processing import resample_from_to, resample_to_output  # noqa: E402
 
+from datasets.synth_decathlon import write_synthetic_organs  # noqa: E402
 from pipeline.common.config import load_config  # noqa: E402
 from pipeline.segmentation.evaluate import evaluate, summary_table  # noqa: E402
-from pipeline.segmentation.output import write_synthetic_decathlon  # noqa: E402
 from pipeline.segmentation.train import train  # noqa: E402
 
 CONFIG = REPO / "configs" / "segment_decathlon_ssl.yaml"
@@ -84,7 +84,7 @@ def reevaluate(run: Path, shots: int) -> dict:
 def bench_schedule(work: Path, n_cases: int) -> dict:
     data = work / f"synth_{n_cases}"
     if not (data / "dataset.json").is_file():
-        write_synthetic_decathlon(data, n_cases=n_cases, shape=(40, 50, 40), seed=0)
+        write_synthetic_organs(data, n_cases=n_cases, shape=(40, 50, 40), seed=0)
     cfg = load_config(CONFIG, [f"data.root={data}"])
     run = work / f"schedule_{n_cases}"
     if run.exists():
@@ -184,7 +184,7 @@ def bench_speed(work: Path) -> dict:
     """3D mode on the synthetic crops: seconds per query (proto vs atlas) and peak RSS of 3D meta-training."""
     data = work / "synth_40"
     if not (data / "dataset.json").is_file():
-        write_synthetic_decathlon(data, n_cases=40, shape=(40, 50, 40), seed=0)
+        write_synthetic_organs(data, n_cases=40, shape=(40, 50, 40), seed=0)
     run = work / "speed_3d"
     if run.exists():
         shutil.rmtree(run)

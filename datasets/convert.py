@@ -8,15 +8,14 @@ A sidecar ``OUT.json`` holds the non-identifying provenance (modality, UIDs, sou
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from datasets.volume import InputError, Volume, atomic_path
+from datasets.volume import InputError, Volume
+from datasets.volume_io import write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -42,26 +41,6 @@ def _outputs(out: Path, n: int) -> list[Path]:
     suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
     stem = name[: -len(suffix)]
     return [out] + [out.with_name(f"{stem}_stack{i}{suffix}") for i in range(1, n)]
-
-
-def write_nifti(volume: Volume, out: Path) -> Path:
-    """Write ``volume`` as NIfTI (+ ``.json`` sidecar) atomically; returns the NIfTI path."""
-    dtype = storage_dtype(volume.array)
-    img = nib.Nifti1Image(volume.array.astype(dtype, copy=False), volume.affine)
-    img.set_qform(volume.affine, code=1)
-    img.set_sform(volume.affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
-    with atomic_path(out) as tmp:
-        nib.save(img, tmp)
-    sidecar = out.with_name(out.name[: -len(".nii.gz") if out.name.endswith(".nii.gz") else -len(".nii")] + ".json")
-    with atomic_path(sidecar) as tmp:
-        tmp.write_text(json.dumps(_jsonable(volume.meta), indent=2, sort_keys=True) + "\n")
-    return out
-
-
-def _jsonable(meta: dict) -> dict:
-    return {k: (v if isinstance(v, str | int | float | bool | dict | list) or v is None else str(v))
-            for k, v in meta.items()}
 
 
 def convert(
@@ -97,7 +76,7 @@ def convert(
                     masks=masks)
     written = []
     for volume, path in zip(volumes, _outputs(out, len(volumes)), strict=True):
-        written.append(write_nifti(volume, path))
+        written.append(write_nifti(volume, path, dtype=storage_dtype(volume.array), sidecar=True))
         log.debug("wrote %s: shape %s, %s", path, volume.array.shape, volume.meta.get("source_orientation"))
     return written
 

@@ -33,12 +33,12 @@ from datasets.dicom_fast import Header, read_header
 from datasets.dicom_frames import Frame, frames_of, is_image
 from datasets.dicom_geometry import Stack, plan_stacks, regularise
 from datasets.volume import InputError, Volume, canonical
+from datasets.world import LPS_TO_RAS
 
 log = logging.getLogger(__name__)
 
 Parsed = Dataset | Header  # what a series' files are read into (see `read_series`)
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SKIP_SUFFIXES = {".txt", ".md", ".json", ".csv", ".xml", ".nii", ".gz", ".nrrd", ".mha", ".mhd", ".png", ".jpg",
                  ".py", ".zip", ".pdf"}
 

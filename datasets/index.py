@@ -29,7 +29,8 @@ from datasets import dicom
 from datasets.dicom_frames import Frame, frames_of, is_image
 from datasets.dicom_geometry import plan_stacks
 from datasets.volume import InputError, atomic_path
-from datasets.volume_io import load_volume, sitk_affine
+from datasets.volume_io import load_volume
+from datasets.world import LPS_TO_RAS, sitk_ras_affine
 
 __all__ = ["index_tree", "load_volume", "patient_key", "read_manifest", "write_manifest"]
 
@@ -120,7 +121,7 @@ def _summarise_itk(path: Path) -> dict[str, Any] | None:
         log.warning("skipping %s: unreadable volume header (%s)", path, str(err).splitlines()[0])
         return None
     shape = tuple(int(s) for s in reader.GetSize())
-    affine = sitk_affine(reader.GetOrigin(), reader.GetSpacing(), reader.GetDirection())
+    affine = sitk_ras_affine(reader)
     return _geometry_summary(path, shape, affine)
 
 
@@ -246,7 +247,7 @@ def _image_rows(uid: str, items: list[dict]) -> list[dict[str, str]]:
         return [{**base, "n_files": str(len(files)), "issues": err.reason}]
     rows = []
     for i, stack in enumerate(stacks):
-        affine = dicom.LPS_TO_RAS @ stack.affine_lps()
+        affine = LPS_TO_RAS @ stack.affine_lps()
         rows.append({
             **base,
             "shape": _fmt(canonical_order(stack.shape[:3], affine) + list(stack.shape[3:]), 0),

@@ -49,6 +49,7 @@ from datasets.synth_plan import (
     rare_assignment,
 )
 from datasets.volume import InputError, Volume
+from datasets.volume_io import write_nifti
 
 
 # --- rendering -------------------------------------------------------------------------------------------
@@ -316,7 +317,7 @@ def write_patient(plan: PatientPlan, hu: np.ndarray, labels: np.ndarray, root: P
     label_dir = root / plan.patient_id / study / "labels"
     label_dir.mkdir()
     vol = Volume(np.ascontiguousarray(labels.transpose(2, 1, 0)), plan.affine_ras)
-    vol.to_nifti().to_filename(label_dir / f"{series}.nii.gz")
+    write_nifti(vol, label_dir / f"{series}.nii.gz")
     sidecar = {"series_uid": plan.uid("series"), "label_names": {str(k): v for k, v in LABEL_NAMES.items()}}
     (label_dir / f"{series}.json").write_text(json.dumps(sidecar, indent=1) + "\n")
     return n

@@ -13,6 +13,7 @@ from pydicom.uid import generate_uid
 from scipy.spatial.transform import Rotation
 
 from datasets.volume import FewscanError
+from datasets.world import LPS_TO_RAS
 
 COMMON_TYPES = ("cyst", "solid_nodule", "calcified_granuloma", "hemangioma", "metastasis")
 RARE_TYPES = ("spiculated_mass", "cavitary_lesion", "ground_glass_nodule")
@@ -87,7 +88,7 @@ class PatientPlan:
     @property
     def affine_ras(self) -> np.ndarray:
         """``(4, 4)`` voxel index ``(c, r, k)`` -> RAS+ mm (the NIfTI affine of the label map)."""
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ self.affine_lps
+        return LPS_TO_RAS @ self.affine_lps
 
 
 @dataclass

@@ -1,32 +1,26 @@
-"""`load_volume(path)`: one entry point for DICOM folders/files, NIfTI, NRRD and MetaImage files."""
+"""`load_volume(path)`: one entry point for DICOM folders/files, NIfTI, NRRD and MetaImage files; `write_nifti`: the
+one NIfTI writer (atomic)."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 
-from datasets.volume import InputError, Volume, canonical
+from datasets.volume import InputError, Volume, atomic_path, canonical
+from datasets.world import sitk_ras_affine
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-def sitk_affine(origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float]) -> np.ndarray:
-    """4x4 voxel -> RAS+ affine from ITK geometry (ITK world is LPS; direction is row-major 3x3)."""
-    dim = len(origin)
-    d = np.eye(3)
-    d[:dim, :dim] = np.asarray(direction, float).reshape(dim, dim)
-    aff = np.eye(4)
-    aff[:3, :3] = d * np.r_[np.asarray(spacing, float), np.ones(3 - dim)][None, :]
-    aff[:dim, 3] = origin
-    return LPS_TO_RAS @ aff
 
 
 def load_nifti(path: Path) -> Volume:
@@ -55,7 +49,7 @@ def load_itk(path: Path) -> Volume:
     if img.GetDimension() not in (2, 3):
         raise InputError(path, f"{img.GetDimension()}D images are not supported")
     array = sitk.GetArrayFromImage(img).T  # ITK array is (z, y, x): transpose to (i, j, k)
-    affine = sitk_affine(img.GetOrigin(), img.GetSpacing(), img.GetDirection())
+    affine = sitk_ras_affine(img)
     if array.ndim == 2:
         array = array[:, :, None]
     return _checked(path, array, affine, {"source_format": path.suffix.lstrip(".").lower()})
@@ -97,3 +91,34 @@ def load_volume(path: Path, **kwargs) -> Volume:
     from datasets.dicom import load_series
 
     return load_series(path, **kwargs)
+
+
+def write_nifti(image: Volume | sitk.Image, path: Path, *, dtype: np.dtype | type | None = None,
+                sidecar: bool = False) -> Path:
+    """Write a volume as NIfTI, atomically (nothing half-written on failure); returns `path`.
+
+    A `Volume` is written by nibabel: array `(I, J, K[, T])` as stored (or cast to `dtype`), qform and sform both the
+    affine (code 1, scanner), units mm; with `sidecar`, its meta as `path` with `.json` for `.nii[.gz]`. A SimpleITK
+    image (an ITK displacement field) is written by SimpleITK, which keeps ITK's own NIfTI vector layout.
+    """
+    path = Path(path)
+    if not isinstance(image, Volume):
+        import SimpleITK as sitk
+
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(image, str(tmp))
+        return path
+    img = Volume(image.array if dtype is None else image.array.astype(dtype, copy=False), image.affine).to_nifti()
+    img.header.set_xyzt_units("mm", "sec")
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+    if sidecar:
+        stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+        with atomic_path(path.with_name(stem + ".json")) as tmp:
+            tmp.write_text(json.dumps(_jsonable(image.meta), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _jsonable(meta: dict) -> dict:
+    return {k: (v if isinstance(v, str | int | float | bool | dict | list) or v is None else str(v))
+            for k, v in meta.items()}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from datasets.synth_decathlon import synthetic_case
 from datasets.volume import Volume
 from pipeline.common.metrics import dice_hd95
 from pipeline.segmentation.atlas import atlas_segment
-from pipeline.segmentation.output import synthetic_case
 
 
 def test_atlas_recovers_a_known_translation() -> None:

@@ -67,3 +67,29 @@ def test_convert_seg_with_reference(shared_data: Path, tmp_path: Path) -> None:
     assert img.shape == (512, 512, 3, 5) and img.get_data_dtype() == np.uint8
     names = json.loads((tmp_path / "seg.json").read_text())["label_names"]
     assert names["1"] == "GREEN" and len(names) == 5
+
+
+def test_write_nifti_header_dtype_sidecar_and_nothing_left_on_failure(tmp_path: Path, monkeypatch) -> None:
+    from datasets.volume import Volume
+    from datasets.volume_io import write_nifti
+
+    affine = np.array([[-0.8, 0, 0, 10], [0, 0.9, 0.1, -4], [0, 0, 2.5, 7], [0, 0, 0, 1]])
+    vol = Volume(np.arange(24, dtype=np.float64).reshape(2, 3, 4), affine, {"modality": "CT"})
+    out = write_nifti(vol, tmp_path / "a.nii.gz", dtype=np.uint8)
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.uint8 and int(img.header["qform_code"]) == int(img.header["sform_code"]) == 1
+    assert img.header.get_xyzt_units() == ("mm", "sec")
+    np.testing.assert_allclose(img.affine, affine, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), vol.array)
+    assert not (tmp_path / "a.json").exists()  # sidecars only when asked
+    write_nifti(vol, tmp_path / "b.nii", sidecar=True)
+    assert nib.load(tmp_path / "b.nii").get_data_dtype() == np.float64
+    assert json.loads((tmp_path / "b.json").read_text()) == {"modality": "CT"}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nib, "save", broken)
+    with pytest.raises(OSError):
+        write_nifti(vol, tmp_path / "c.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nii.gz", "b.json", "b.nii"]

@@ -7,15 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from datasets.synth_decathlon import write_synthetic_subjects
 from pipeline.common.config import validate
-from pipeline.registration.episodes import fixed_pairs, roles, write_synthetic_decathlon
+from pipeline.registration.episodes import fixed_pairs, roles
 
 
 @pytest.fixture(scope="module")
 def two_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("reg")
-    a = write_synthetic_decathlon(base / "a", n_cases=10, shape=(8, 8, 8), seed=0, name="Brain", modality="MRI")
-    b = write_synthetic_decathlon(base / "b", n_cases=4, shape=(8, 8, 8), seed=1, name="Liver", modality="CT")
+    a = write_synthetic_subjects(base / "a", n_cases=10, shape=(8, 8, 8), seed=0, name="Brain", modality="MRI")
+    b = write_synthetic_subjects(base / "b", n_cases=4, shape=(8, 8, 8), seed=1, name="Liver", modality="CT")
     return a, b
 
 
@@ -69,7 +70,7 @@ def test_training_pairs_are_grouped_by_fixed_image(two_folders) -> None:
 
 
 def test_intra_subject_pairs_stay_within_one_patient(tmp_path: Path) -> None:
-    root = write_synthetic_decathlon(tmp_path / "d", n_cases=40, shape=(4, 4, 4))
+    root = write_synthetic_subjects(tmp_path / "d", n_cases=40, shape=(4, 4, 4))
     # cases synth_000..039: the regex's first group (all digits but the last) makes 4 patients of 10 cases
     cfg = cfg_for(root, pairing="intra", patient_regex=r"synth_(\d\d)\d", adapt_patients=1)
     pairs = fixed_pairs(cfg, "train", 50)

@@ -10,10 +10,11 @@ import pytest
 import SimpleITK as sitk
 
 from datasets.sources import load_nifti
+from datasets.synth_decathlon import write_synthetic_subjects
+from datasets.world import from_sitk, to_sitk
 from pipeline.__main__ import main
 from pipeline.common.config import validate
-from pipeline.registration.deformation import from_sitk, read_displacement_field, to_sitk, warp_array
-from pipeline.registration.episodes import write_synthetic_decathlon
+from pipeline.registration.deformation import read_displacement_field, warp_array
 from pipeline.registration.register import load_checkpoint, predict_transform
 from pipeline.registration.train import train
 
@@ -21,7 +22,7 @@ from pipeline.registration.train import train
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("cli")
-    root = write_synthetic_decathlon(base / "Task", n_cases=8, shape=(16, 16, 16))
+    root = write_synthetic_subjects(base / "Task", n_cases=8, shape=(16, 16, 16))
     cfg = validate({"task": "registration", "seed": 0, "data": {"source": "decathlon", "root": str(root)},
                     "transforms": {"preset": "mr", "spacing": None, "volume_size": [16, 16, 16]},
                     "train": {"iterations": 2, "lr": 0.003},

@@ -9,15 +9,14 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from datasets.volume import Volume
+from datasets.world import from_sitk, to_sitk
 from pipeline.registration.deformation import (
     ddf_from_itk,
     ddf_to_itk,
     folding_ratio,
-    from_sitk,
     jacobian_determinant,
     log_jacobian_std,
     read_displacement_field,
-    to_sitk,
     transform_to_ddf,
     warp_array,
     write_displacement_field,

@@ -1,4 +1,4 @@
-"""SimpleITK baseline registration and the Volume <-> SimpleITK geometry round trip."""
+"""SimpleITK baseline registration (the Volume <-> SimpleITK round trip: tests/test_world.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from datasets.volume import Volume
+from datasets.world import LPS_TO_RAS, to_sitk
 from pipeline.registration.classical import register_sitk, warp_labels
-from pipeline.registration.deformation import RAS_TO_LPS, from_sitk, to_sitk
 
 
 def blobs(shape: tuple[int, int, int] = (28, 28, 28), seed: int = 0) -> np.ndarray:
@@ -27,20 +27,6 @@ def oblique_affine(spacing: float = 1.5) -> np.ndarray:
     return aff
 
 
-def test_sitk_round_trip_keeps_array_and_world_geometry() -> None:
-    vol = Volume(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6), oblique_affine())
-    img = to_sitk(vol)
-    assert img.GetSize() == (4, 5, 6)
-    # voxel (1, 2, 3) sits at the same world point in both conventions (LPS = RAS with x, y negated)
-    lps = np.asarray(img.TransformIndexToPhysicalPoint((1, 2, 3)))
-    ras = (vol.affine @ [1, 2, 3, 1])[:3]
-    np.testing.assert_allclose(lps, RAS_TO_LPS @ ras, atol=1e-9)
-    assert img[1, 2, 3] == vol.array[1, 2, 3]
-    back = from_sitk(img)
-    np.testing.assert_array_equal(back.array, vol.array)
-    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-9)
-
-
 def test_affine_registration_recovers_known_translation() -> None:
     fixed_arr = blobs()
     shift_vox = np.array([3.0, -2.0, 1.0])  # moving content sits 3, -2, 1 voxels further along I, J, K
@@ -51,7 +37,7 @@ def test_affine_registration_recovers_known_translation() -> None:
     # the fixed->moving map displaces every point by the shift, in world (LPS) millimetres
     centre = np.asarray(to_sitk(fixed).TransformContinuousIndexToPhysicalPoint((14.0, 14.0, 14.0)))
     moved = np.asarray(transform.TransformPoint(centre.tolist()))
-    expected = RAS_TO_LPS @ aff[:3, :3] @ shift_vox
+    expected = LPS_TO_RAS[:3, :3] @ aff[:3, :3] @ shift_vox
     np.testing.assert_allclose(moved - centre, expected, atol=0.5)
     inner = (slice(6, -6),) * 3
     err_before = np.abs(moving_arr - fixed_arr)[inner].mean()

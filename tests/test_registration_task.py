@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from datasets.synth_decathlon import write_synthetic_subjects
 from pipeline.common.config import validate
-from pipeline.registration.episodes import write_synthetic_decathlon
 from pipeline.registration.evaluate import evaluate, summary_table
 from pipeline.registration.train import train
 
@@ -25,7 +25,7 @@ def tiny_config(root: Path, **reg) -> dict:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_decathlon(tmp_path_factory.mktemp("dec") / "Task", n_cases=10, shape=(18, 16, 15))
+    return write_synthetic_subjects(tmp_path_factory.mktemp("dec") / "Task", n_cases=10, shape=(18, 16, 15))
 
 
 def test_train_evaluate_writes_the_report_contract(folder: Path, tmp_path: Path) -> None:

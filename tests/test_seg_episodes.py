@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from datasets.synth_decathlon import SYNTH_STRUCTURES, synthetic_case
 from datasets.volume import Volume
 from pipeline.common.config import validate
 from pipeline.segmentation.data import make_case, split_structures
 from pipeline.segmentation.episodes import fixed_episodes, labelled_episode, pseudo_episode, role_ids
-from pipeline.segmentation.output import SYNTH_STRUCTURES, synthetic_case
 
 SHAPE = (20, 24, 18)
 

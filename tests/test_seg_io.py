@@ -12,10 +12,11 @@ from dicom_factory import write_series
 
 from datasets.dicom import load_series, read_series
 from datasets.labels import load_seg
+from datasets.synth_decathlon import synthetic_case
 from pipeline.common.config import to_dict, validate
 from pipeline.common.run import save_weights
 from pipeline.segmentation.adapt import adapt, predict
-from pipeline.segmentation.output import synthetic_case, write_dicom_seg
+from pipeline.segmentation.output import write_dicom_seg
 from pipeline.segmentation.train import build_model
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from datasets.synth_decathlon import write_synthetic_organs
 from pipeline.common.config import load_config
 from pipeline.segmentation.episodes import role_ids
 from pipeline.segmentation.evaluate import evaluate, summary_table
-from pipeline.segmentation.output import write_synthetic_decathlon
 from pipeline.segmentation.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +22,8 @@ TINY = ["train.iterations=3", "train.log_every=1", "episodes.eval_episodes=1", "
 
 @pytest.fixture(scope="module")
 def decathlon(tmp_path_factory) -> Path:
-    return write_synthetic_decathlon(tmp_path_factory.mktemp("dec") / "Task99", n_cases=6, shape=(20, 24, 16),
-                                     unlabelled=1)
+    return write_synthetic_organs(tmp_path_factory.mktemp("dec") / "Task99", n_cases=6, shape=(20, 24, 16),
+                                  unlabelled=1)
 
 
 def _check_block(block: dict, structures: list[str]) -> None:

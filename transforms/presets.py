@@ -27,13 +27,12 @@ from monai.transforms import (
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
-    SpatialCrop,
 )
 
 from datasets.volume import Volume
 from transforms.config import TransformConfig
+from transforms.crop import crop_at
 
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 # Standard radiology windows as (low, high) HU: soft tissue W400/L40, lung W1500/L-600, bone W1800/L400.
@@ -168,12 +167,14 @@ def crop_around(image: MetaTensor, point_ras: Sequence[float], cfg: TransformCon
         `(C, H, W)` along that axis.
     """
     roi = np.asarray(cfg.roi_size)
-    # Pad by half a crop on every side first, so the crop stays centred on the point at the borders.
+    # Pad by half a crop on every side first, and read the centre off the padded affine: the crop then never needs
+    # more padding, and the rounding of the centre is the one the crops were always cut with.
     padded = BorderPad(spatial_border=[int(r) // 2 + 1 for r in roi], mode="constant", value=0.0)(image)
     centre = np.round(world_to_voxel(padded, point_ras)).astype(int)
-    crop = SpatialCrop(roi_center=centre.tolist(), roi_size=roi.tolist())(padded)
-    if tuple(crop.shape[1:]) != tuple(roi):
+    start = centre - roi // 2
+    if np.any(start < 0) or np.any(start + roi > np.asarray(padded.shape[1:])):
         raise ValueError(f"centre {list(point_ras)} lies outside the volume")
+    crop = crop_at(padded, centre, roi)
     if cfg.resize is not None:
         crop = Resize(spatial_size=cfg.resize, mode="trilinear")(crop)
     crop = torch.as_tensor(crop).float()
@@ -208,8 +209,3 @@ def image_2d(array: np.ndarray, size: Sequence[int] | None = None) -> torch.Tens
                                                 antialias=True)
         x = batch if x.ndim == 4 else batch[0]
     return x
-
-
-def lps_to_ras(point: Sequence[float]) -> np.ndarray:
-    """DICOM patient coordinates (LPS) to RAS: negate x and y."""
-    return LPS_TO_RAS @ np.asarray(point, dtype=float)

@@ -82,10 +82,10 @@ def read_support(spec: Path, cfg: Config) -> list[tuple[Path, str, list[float] |
 def load_item(path: Path, cfg: Config, item_shape: tuple[int, ...], centre: list[float] | None = None
               ) -> torch.Tensor:
     """One preprocessed item shaped like the training items `item_shape` = `(C, *spatial)`."""
-    from monai.transforms import ResizeWithPadOrCrop
-
     from datasets.sources import is_nifti, load_image, load_nifti
-    from transforms.presets import crop_around, image_2d, lps_to_ras, prepare, volume_to_dict
+    from datasets.world import lps_to_ras
+    from transforms.crop import fit_size
+    from transforms.presets import crop_around, image_2d, prepare, volume_to_dict
 
     path = Path(path)
     if not path.exists():
@@ -108,7 +108,7 @@ def load_item(path: Path, cfg: Config, item_shape: tuple[int, ...], centre: list
             ras = lps_to_ras(centre) if cfg.data.center_frame == "LPS" else np.asarray(centre)
             x = crop_around(image, ras, cfg.transforms)
         else:
-            x = torch.as_tensor(ResizeWithPadOrCrop(spatial_size=cfg.transforms.roi_size)(image)).float()
+            x = fit_size(image, cfg.transforms.roi_size)
         if len(item_shape) == 3 and x.ndim == 4 and cfg.transforms.slice_axis != "none":
             from transforms.presets import SLICE_AXES, central_slice
 

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from datasets.volume import FewscanError, InputError
+from datasets.world import lps_to_ras
 from pipeline.common.config import Config
 from pipeline.common.progress import progress
-from transforms.presets import crop_around, image_2d, lps_to_ras, prepare, volume_to_dict
+from transforms.crop import fit_size
+from transforms.presets import crop_around, image_2d, prepare, volume_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +232,13 @@ class FolderSource:
         return Items(torch.stack(xs), cat.labels, cat.groups, cat.ids)
 
     def _load(self, path: Path) -> torch.Tensor:
-        from monai.transforms import ResizeWithPadOrCrop
-
         from datasets.sources import load_image, load_nifti
 
         if not self.volumes:
             return image_2d(load_image(path), self.cfg.transforms.image_size)
         t = self.cfg.transforms
         image = prepare(t, None)(volume_to_dict(load_nifti(path)))["image"]
-        crop = torch.as_tensor(ResizeWithPadOrCrop(spatial_size=t.roi_size)(image)).float()
+        crop = fit_size(image, t.roi_size)
         if t.slice_axis != "none":
             from transforms.presets import SLICE_AXES, central_slice
 

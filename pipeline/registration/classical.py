@@ -16,7 +16,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from datasets.volume import FewscanError, Volume
-from pipeline.registration.deformation import from_sitk, resample_to, to_sitk
+from datasets.world import from_sitk, to_sitk
+from pipeline.registration.deformation import resample_to
 
 Kind = Literal["affine", "affine+bspline", "affine+demons"]
 KINDS: tuple[str, ...] = ("affine", "affine+bspline", "affine+demons")

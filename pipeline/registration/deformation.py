@@ -7,7 +7,8 @@ Conventions used throughout fewscan registration:
 - An *ITK displacement field* is a SimpleITK vector image on the fixed grid whose vectors are in **LPS
   millimetres**: `sitk.DisplacementFieldTransform` maps a fixed point `p` to `p + d(p)` in the moving image, so
   `sitk.Resample(moving, fixed, transform)` reproduces the warp (the same convention ANTs uses).
-- `Volume` affines are RAS+; ITK geometry is LPS: the two differ by `diag(-1, -1, 1)`.
+- `Volume` affines are RAS+; ITK geometry is LPS: the two differ by `datasets.world.LPS_TO_RAS`, and
+  `datasets.world.to_sitk` / `from_sitk` convert volumes.
 """
 
 from __future__ import annotations
@@ -20,44 +21,15 @@ import SimpleITK as sitk
 import torch
 from monai.networks.blocks import Warp
 
-from datasets.volume import InputError, Volume, atomic_path
+from datasets.volume import InputError, Volume
+from datasets.volume_io import write_nifti
+from datasets.world import LPS_TO_RAS, from_sitk, to_sitk
 
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # MONAI's Warp announces on every construction that it uses torch's grid_sample (its compiled resampler is absent)
 warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
 
 
-# --- Volume <-> SimpleITK ---------------------------------------------------------------------------------
-def to_sitk(volume: Volume, dtype: type = np.float32) -> sitk.Image:
-    """A SimpleITK image with the volume's geometry; `(I, J, K, 3)` arrays become vector images.
-
-    Args:
-        volume: array `(I, J, K)` or `(I, J, K, C)`, RAS affine.
-        dtype: pixel type of the result.
-    """
-    arr = np.asarray(volume.array, dtype=dtype)
-    vector = arr.ndim == 4
-    # SimpleITK arrays are indexed (k, j, i[, c]); its size is then (I, J, K).
-    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0, 3) if vector else arr.T),
-                                 isVector=vector)
-    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetOrigin([float(v) for v in RAS_TO_LPS @ volume.affine[:3, 3]])
-    img.SetDirection([float(v) for v in (RAS_TO_LPS @ volume.affine[:3, :3] / spacing).ravel()])
-    return img
-
-
-def from_sitk(img: sitk.Image, meta: dict | None = None) -> Volume:
-    """The inverse of `to_sitk`: array `(I, J, K[, C])` with a RAS affine."""
-    arr = sitk.GetArrayFromImage(img)
-    arr = arr.transpose(2, 1, 0, 3) if img.GetNumberOfComponentsPerPixel() > 1 else arr.T
-    direction = np.asarray(img.GetDirection(), float).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = RAS_TO_LPS @ direction * np.asarray(img.GetSpacing(), float)
-    affine[:3, 3] = RAS_TO_LPS @ np.asarray(img.GetOrigin(), float)
-    return Volume(np.ascontiguousarray(arr), affine, dict(meta or {}))
-
-
+# --- resampling in world coordinates ------------------------------------------------------------------------
 def resample_to(moving: Volume, fixed: Volume, nearest: bool = False,
                 transform: sitk.Transform | None = None) -> Volume:
     """Resample `moving` onto the grid of `fixed` (world coordinates; identity transform unless given).
@@ -76,14 +48,14 @@ def resample_to(moving: Volume, fixed: Volume, nearest: bool = False,
 # --- DDF <-> ITK displacement fields ------------------------------------------------------------------------
 def ddf_to_itk(ddf: np.ndarray, fixed: Volume) -> sitk.Image:
     """ITK displacement field (vector image, LPS mm, float64) on the fixed grid from a voxel-unit DDF `(3, I, J, K)`."""
-    world = np.einsum("rc,c...->...r", RAS_TO_LPS @ fixed.affine[:3, :3], np.asarray(ddf, float))
+    world = np.einsum("rc,c...->...r", LPS_TO_RAS[:3, :3] @ fixed.affine[:3, :3], np.asarray(ddf, float))
     return to_sitk(Volume(world, fixed.affine), dtype=np.float64)
 
 
 def ddf_from_itk(field: sitk.Image, fixed: Volume) -> np.ndarray:
     """Voxel-unit DDF `(3, I, J, K)` on the fixed grid from an ITK displacement field (LPS mm) on the same grid."""
     world = from_sitk(field).array.astype(float)  # (I, J, K, 3) LPS mm
-    to_voxel = np.linalg.inv(RAS_TO_LPS @ fixed.affine[:3, :3])
+    to_voxel = np.linalg.inv(LPS_TO_RAS[:3, :3] @ fixed.affine[:3, :3])
     return np.einsum("cr,...r->c...", to_voxel, world).astype(np.float32)
 
 
@@ -100,8 +72,7 @@ def write_displacement_field(ddf: np.ndarray, fixed: Volume, path: Path) -> None
 
     Apply it elsewhere with `sitk.DisplacementFieldTransform(sitk.ReadImage(path, sitk.sitkVectorFloat64))`.
     """
-    with atomic_path(path) as tmp:
-        sitk.WriteImage(ddf_to_itk(ddf, fixed), str(tmp))
+    write_nifti(ddf_to_itk(ddf, fixed), path)
 
 
 def read_displacement_field(path: Path) -> sitk.DisplacementFieldTransform:

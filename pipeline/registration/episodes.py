@@ -29,6 +29,7 @@ from datasets.volume import FewscanError, InputError, Volume
 from pipeline.common.config import Config
 from pipeline.common.episodes import EpisodeStream
 from pipeline.common.progress import progress
+from pipeline.common.splits import assign_patients
 
 SPLITS = ("train", "adapt", "eval")
 # One batch of pairs: moving `(B, 1, *S)`, fixed `(B, 1, *S)`, moving labels and fixed labels `(B, 1, *S)` or None.
@@ -105,7 +106,8 @@ def registration_tasks(cfg: Config) -> list[RegTask]:
 
 
 def patient_groups(task: RegTask, cfg: Config) -> dict[str, list[str]]:
-    """Seeded split of a primary task's patients into `train` / `adapt` / `eval` (sorted keys).
+    """Seeded split of a primary task's patients into `train` / `adapt` / `eval` (sorted keys), dealt by
+    `pipeline.common.splits.assign_patients`.
 
     Depends only on the set of patients and the seed, so every channel of one folder gets the same split.
     """
@@ -113,7 +115,6 @@ def patient_groups(task: RegTask, cfg: Config) -> dict[str, list[str]]:
     patients = sorted({c.patient_key for c in task.cases})
     if not task.primary:
         return {"train": patients, "adapt": [], "eval": []}
-    order = [patients[i] for i in np.random.default_rng(cfg.seed).permutation(len(patients))]
     least = 2 if rcfg.pairing == "inter" else 1  # patients an inter-subject group needs to form one pair
     if 0 < rcfg.adapt_patients < least:
         raise FewscanError(f"registration.adapt_patients must be 0 or at least {least} for {rcfg.pairing} pairs")
@@ -121,9 +122,7 @@ def patient_groups(task: RegTask, cfg: Config) -> dict[str, list[str]]:
     if len(patients) - n_held < least:
         raise FewscanError(f"{task.name}: {len(patients)} patients are too few to hold out {n_held} "
                            f"(lower registration.test_patients / adapt_patients)")
-    held = order[:n_held]
-    return {"train": sorted(order[n_held:]), "adapt": sorted(held[:rcfg.adapt_patients]),
-            "eval": sorted(held[rcfg.adapt_patients:])}
+    return assign_patients(patients, {"adapt": rcfg.adapt_patients, "eval": n_held - rcfg.adapt_patients}, cfg.seed)
 
 
 def _case_dict(case: RegCase, role: str) -> dict[str, Any]:
@@ -288,52 +287,3 @@ class RegEpisodes(EpisodeStream):
         group = self.groups[rng.integers(len(self.groups))]
         size = min(rcfg.pairs_per_task, len(group))
         return [self.data.batch(list(rng.choice(group, size, False))) for _ in range(rcfg.inner_steps)]
-
-
-def write_synthetic_decathlon(root: Path, n_cases: int = 12, shape: tuple[int, int, int] = (40, 50, 40),
-                              seed: int = 0, name: str = "SynthBrain", modality: str = "MRI") -> Path:
-    """Write a small Decathlon-format folder of MR-like volumes with two labelled structures (tests, benchmarks).
-
-    Each subject is one template (a bright ellipsoid with a darker core, on a textured background) moved by a
-    random small affine and a smooth random displacement, with a smooth bias field and noise; labels follow the
-    same deformation, so inter-subject registration has a known answer up to noise.
-
-    Returns:
-        `root`, holding `dataset.json`, `imagesTr/` and `labelsTr/` (float32 images, uint8 labels, 1.5 mm).
-    """
-    import json
-
-    import nibabel as nib
-    from scipy import ndimage
-
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*(np.arange(s, dtype=float) for s in shape), indexing="ij"))
-    centre = (np.asarray(shape, float) - 1) / 2
-    texture = ndimage.gaussian_filter(rng.normal(size=shape), 3.0)
-    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    affine = np.diag([1.5, 1.5, 1.5, 1.0])
-    training = []
-    for i in range(n_cases):
-        # subject-specific map: small affine + smooth displacement (voxels)
-        mat = np.eye(3) + rng.normal(scale=0.06, size=(3, 3))
-        shift = rng.normal(scale=2.0, size=3)
-        smooth = np.stack([ndimage.gaussian_filter(rng.normal(size=shape), 6.0) for _ in range(3)])
-        smooth *= 3.0 / max(np.abs(smooth).max(), 1e-6)
-        coords = np.einsum("ab,b...->a...", mat, grid - centre[:, None, None, None]) + centre[:, None, None, None]
-        coords += shift[:, None, None, None] + smooth
-        rel = (coords - centre[:, None, None, None]) / (np.asarray(shape, float)[:, None, None, None] * 0.3)
-        radius = np.sqrt((rel**2).sum(0))
-        label = np.where(radius < 0.55, 1, np.where(radius < 1.0, 2, 0)).astype(np.uint8)
-        tex = ndimage.map_coordinates(texture, coords, order=1, mode="nearest")
-        image = np.choose(label, [0.2, 0.9, 0.6]) + 0.15 * tex
-        bias = 1.0 + 0.1 * ndimage.gaussian_filter(rng.normal(size=shape), 10.0) / 0.05
-        image = (image * bias + rng.normal(scale=0.03, size=shape)) * 800.0
-        case = f"synth_{i:03d}"
-        nib.save(nib.Nifti1Image(image.astype(np.float32), affine), str(root / "imagesTr" / f"{case}.nii.gz"))
-        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / f"{case}.nii.gz"))
-        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
-    spec = {"name": name, "modality": {"0": modality}, "labels": {"0": "background", "1": "core", "2": "shell"},
-            "numTraining": n_cases, "training": training, "test": []}
-    (root / "dataset.json").write_text(json.dumps(spec, indent=2))
-    return root

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from datasets.sources import load_label_map
-from datasets.volume import FewscanError, Volume, atomic_path
+from datasets.volume import FewscanError, Volume
 from pipeline.common.config import Config
 from pipeline.common.report import write_json
 from pipeline.common.run import load_run_config, load_weights
@@ -86,7 +86,7 @@ def register_files(fixed_path: Path, moving_path: Path, labels_path: Path | None
     import SimpleITK as sitk
 
     from datasets.volume import InputError
-    from datasets.volume_io import load_volume
+    from datasets.volume_io import load_volume, write_nifti
     from pipeline.registration.deformation import (
         ddf_to_itk,
         folding_ratio,
@@ -114,8 +114,7 @@ def register_files(fixed_path: Path, moving_path: Path, labels_path: Path | None
     if labels is not None:
         outputs["warped_labels"] = resample_to(labels, fixed, nearest=True, transform=written)
     for name, vol in outputs.items():
-        with atomic_path(out_dir / f"{name}.nii.gz") as tmp:
-            vol.to_nifti().to_filename(str(tmp))
+        write_nifti(vol, out_dir / f"{name}.nii.gz")
     jac = jacobian_determinant(ddf)
     summary = {"seconds": time.perf_counter() - start, "folding": folding_ratio(jac),
                "log_jac_std": log_jacobian_std(jac), "outputs": sorted([*outputs, "displacement"]),

@@ -121,9 +121,10 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
 
     import nibabel as nib
 
+    from datasets.volume_io import write_nifti
     from pipeline.segmentation.data import make_case
     from pipeline.segmentation.maml import maml_predictor
-    from pipeline.segmentation.output import mask_to_source, write_dicom_seg, write_nifti_mask
+    from pipeline.segmentation.output import mask_to_source, write_dicom_seg
     from pipeline.segmentation.proto import proto_predictor
 
     adapted, out = Path(adapted), Path(out)
@@ -146,7 +147,7 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
         is_nifti = path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
         source = nib.load(str(path)) if is_nifti else image.to_nifti()
         nifti = out / f"pred_{i:02d}.nii.gz"
-        write_nifti_mask(mask_to_source(mask, case.affine, source), source.affine, nifti)
+        write_nifti(Volume(mask_to_source(mask, case.affine, source), source.affine), nifti, dtype=np.uint8)
         row = {"input": str(path), "nifti": str(nifti), "voxels": int(mask.sum())}
         if image.meta.get("series_uid"):
             from datasets.dicom import read_series

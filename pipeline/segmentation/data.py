@@ -6,7 +6,6 @@ integer label map and its structure names. Episodes (`pipeline/segmentation/epis
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +14,10 @@ import nibabel as nib
 import numpy as np
 from nibabel.processing import resample_from_to, resample_to_output
 
+from datasets.index import patient_key
 from datasets.volume import FewscanError, InputError, Volume
 from pipeline.common.config import Config, SegmentationConfig
+from pipeline.common.splits import assign_patients
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,6 @@ class Case:
             return set()
         present = set(np.unique(self.label).tolist())
         return {n for v, n in self.names.items() if v in present}
-
-
-def patient_key(case_id: str, salt: str = "fewscan") -> str:
-    """A salted hash standing in for the patient (one case per patient unless a reader says otherwise)."""
-    return hashlib.sha256(f"{salt}:{case_id}".encode()).hexdigest()[:12]
 
 
 def normalise(image: np.ndarray, scfg: SegmentationConfig) -> np.ndarray:
@@ -126,17 +122,15 @@ def split_structures(cases: list[Case], held_out: list[str]) -> dict[str, list[s
 
 
 def split_patients(cases: list[Case], share: float, seed: int) -> tuple[list[Case], list[Case]]:
-    """`(train, test)` cases: a seeded `share` of the labelled patients is kept out of training.
+    """`(train, test)` cases: a seeded `share` of the labelled patients (at least one) is kept out of training,
+    dealt by `pipeline.common.splits.assign_patients`.
 
     Unlabelled cases always train. With `share == 0` both sides are all cases (transductive: the evaluation
     scans' images, never their labels, are then seen by self-supervised training).
     """
     if share == 0:
         return list(cases), list(cases)
-    labelled = sorted({c.patient_key for c in cases if c.label is not None})
-    rng = np.random.default_rng([seed, 7])
+    labelled = {c.patient_key for c in cases if c.label is not None}
     n_test = max(1, round(share * len(labelled))) if labelled else 0
-    test_keys = {labelled[i] for i in rng.permutation(len(labelled))[:n_test]}
+    test_keys = set(assign_patients(labelled, {"test": n_test}, seed)["test"])
     return ([c for c in cases if c.patient_key not in test_keys], [c for c in cases if c.patient_key in test_keys])
-
-

@@ -26,6 +26,7 @@ from pipeline.common.config import Config, SegmentationConfig
 from pipeline.common.episodes import EpisodeStream, stream_seed
 from pipeline.segmentation.data import Case, load_cases, make_case, split_patients, split_structures
 from pipeline.segmentation.supervoxels import body_mask, pick_region, supervoxels
+from transforms.crop import crop_at
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +117,6 @@ def fixed_episodes(cfg: Config, split: str, n: int, cases: list[Case] | None = N
 
 
 # --- tensors for training episodes -------------------------------------------------------------------
-def crop_at(array: np.ndarray, center: np.ndarray, size: tuple[int, ...]) -> np.ndarray:
-    """A `size` crop centred on `center`, zero-padded where it leaves the array (any number of dims)."""
-    out = np.zeros(size, array.dtype)
-    lo = np.asarray(center, int) - np.asarray(size) // 2
-    src = tuple(slice(max(0, lo_i), min(dim, lo_i + s)) for lo_i, s, dim in zip(lo, size, array.shape, strict=True))
-    dst = tuple(slice(sl.start - lo_i, sl.stop - lo_i) for sl, lo_i in zip(src, lo, strict=True))
-    out[dst] = array[src]
-    return out
-
-
 def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Training-only intensity change (gamma and noise), so support and query never look identical."""
     gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.5))))

@@ -11,8 +11,8 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from pipeline.common.config import SegmentationConfig
-from pipeline.segmentation.episodes import crop_at
-from pipeline.segmentation.proto import _dense, pad_to
+from pipeline.segmentation.proto import _dense
+from transforms.crop import crop_at, pad_divisible
 
 
 def support_batch(images: list[torch.Tensor], masks: list[torch.Tensor], scfg: SegmentationConfig,
@@ -60,7 +60,7 @@ def fit_finetune(backbone: nn.Module, divisor: int, scfg: SegmentationConfig, im
     net.train()
     for _ in range(scfg.finetune_steps):
         x, m = support_batch(images, masks, scfg, rng)
-        xp, crop = pad_to(x, divisor)
+        xp, crop = pad_divisible(x, divisor)
         loss = loss_fn(net(xp)[crop], m)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -68,7 +68,7 @@ def fit_finetune(backbone: nn.Module, divisor: int, scfg: SegmentationConfig, im
     net.eval()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        xp, crop = pad_to(x, divisor)
+        xp, crop = pad_divisible(x, divisor)
         return net(xp)[crop]
 
     roi = tuple(scfg.crop) if dims == 3 else None

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from pipeline.common.config import SegmentationConfig
 from pipeline.nn.inner import Params, adapt, adapt_inference, call
-from pipeline.segmentation.proto import _dense, backbone_divisor, build_backbone, pad_to
+from pipeline.segmentation.proto import _dense, backbone_divisor, build_backbone
+from transforms.crop import pad_divisible
 
 LOSS = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -29,7 +30,7 @@ def build_maml_unet(scfg: SegmentationConfig) -> nn.Module:
 
 def logits(net: nn.Module, params: Params, x: Tensor, divisor: int) -> Tensor:
     """`(B, 2, *S)` logits of `x (B, 1, *S)` with `params` (padded for the backbone, cropped back)."""
-    xp, crop = pad_to(x, divisor)
+    xp, crop = pad_divisible(x, divisor)
     return call(net, params, xp)[crop]
 
 

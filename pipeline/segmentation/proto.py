@@ -20,6 +20,7 @@ from monai.networks.nets import BasicUNet, SegResNet, UNet
 from torch import nn
 
 from pipeline.common.config import SegmentationConfig
+from transforms.crop import pad_divisible
 
 EPS = 1e-5
 
@@ -45,17 +46,6 @@ def backbone_divisor(scfg: SegmentationConfig) -> int:
     """
     return {"unet": 2 ** (len(scfg.channels) - 1), "basicunet": 32, "segresnet": 2 ** (len(scfg.channels) - 1)}[
         scfg.encoder]
-
-
-def pad_to(x: torch.Tensor, divisor: int) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Zero-pad the spatial dims of `(B, C, *S)` up to multiples of `divisor`; returns the crop that undoes it."""
-    spatial = x.shape[2:]
-    extra = [(-s) % divisor for s in spatial]
-    pads: list[int] = []
-    for e in reversed(extra):
-        pads += [e // 2, e - e // 2]
-    crop = (slice(None), slice(None), *(slice(e // 2, e // 2 + s) for e, s in zip(extra, spatial, strict=True)))
-    return (F.pad(x, pads) if any(extra) else x), crop
 
 
 def masked_average_pooling(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -128,7 +118,7 @@ class ProtoSeg(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Dense features `(B, F, *S)` of images `(B, 1, *S)` of any size (padded for the backbone, then cropped)."""
-        padded, crop = pad_to(x, self.divisor)
+        padded, crop = pad_divisible(x, self.divisor)
         return self.backbone(padded)[crop]
 
     def prototypes(self, fs: torch.Tensor, sm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
