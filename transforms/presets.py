@@ -45,10 +45,15 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # array axes after RAS orientation
 
 
-def volume_to_dict(volume: Volume, label: Volume | None = None) -> dict[str, MetaTensor]:
+def volume_to_dict(volume: Volume, label: Volume | None = None,
+                   dtype: torch.dtype = torch.float32) -> dict[str, MetaTensor]:
     """Wrap a `Volume` (array `(I, J, K)` or `(I, J, K, C)`, RAS affine) as MONAI's `{"image": MetaTensor}`,
-    plus `"label"` when a label map is given (same grid expected)."""
-    out = {"image": _meta_tensor(volume, torch.float32)}
+    plus `"label"` when a label map is given (same grid expected).
+
+    Args:
+        dtype: of the image tensor: the precision the preset computes in.
+    """
+    out = {"image": _meta_tensor(volume, dtype)}
     if label is not None:
         out["label"] = _meta_tensor(label, torch.float32)
     return out
