@@ -1,8 +1,9 @@
 """Training-only augmentation of episode tensors: MONAI random transforms, plus torchio's bias field, motion and
 ghosting (MR artefacts MONAI lacks).
 
-The deterministic preset runs once per volume and is cached; this random part is drawn afresh for every
-training episode, on its support and query tensors. Evaluation never calls it.
+The deterministic preset runs once per volume and its output is kept in memory; this random part is drawn afresh
+for every training episode, on its support and query tensors (segmentation: `augment_view`, per view). Evaluation
+never calls it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """MONAI dictionary-transform presets built from config.
 
-The deterministic part (orientation, spacing, intensity) runs once per volume and is cached by the callers; crops
-around each finding or structure are then cut from the prepared volume, so a series is resampled only once.
+The deterministic part (orientation, spacing, intensity) runs once per volume in a command, and callers keep the
+prepared volume in memory; crops around each finding or structure are then cut from it, so a series is resampled
+only once per command.
 Random augmentation lives in `transforms/augment.py` and is applied per training episode only.
 
 Presets work on `{"image": MetaTensor, "label": MetaTensor}` dicts (label optional): images are resampled
