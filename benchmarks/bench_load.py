@@ -1,18 +1,11 @@
-"""Series load time: fewscan (cold, cached) vs SimpleITK ImageSeriesReader and MONAI PydicomReader.
+"""Series load time: fewscan vs SimpleITK ImageSeriesReader and MONAI PydicomReader.
 
 Run from the repo root: ``.venv/bin/python benchmarks/bench_load.py`` (writes the ``## Loading`` section of
 benchmarks/README.md). Series: a synthetic uncompressed CT series (100 slices of 256x256, written here) and,
 when the shared data is present, the 20-slice JPEG 2000 TotalSegmentator series. Each time is the median
 of ``--repeats`` runs in this one process, and each table cell the median over ``--rounds`` rounds (all readers
-measured in every round, so that a load change on a shared machine hits them alike); "cold" means no fewscan
-cache (the OS file cache is warm for every reader alike).
-
-Cache figures: "miss" is a `cached_load` that finds no entry (hash the input bytes, load, write the entry);
-"first read" is a hit as in a fresh process (stat inputs, map the entry, verify its checksum); "cached" is a
-repeated hit in the same process (checksum already verified for the unchanged entry file). Hits are measured
-once the inputs and the entry are older than `datasets.cache.RACY_NS` (2 s), as they are whenever a cache is
-reused (younger files are re-hashed or re-verified on every read, see datasets/cache.py), and include reading one
-value per page of the returned memory-mapped array.
+measured in every round, so that a load change on a shared machine hits them alike); the OS file cache is warm
+for every reader alike.
 """
 
 from __future__ import annotations
@@ -34,30 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-from datasets import cache  # noqa: E402
-from datasets.cache import cached_load  # noqa: E402
 from datasets.dicom import load_series  # noqa: E402
 
 
-def median_time(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` calls; ``setup()`` runs untimed before each."""
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls."""
     times = []
     for _ in range(repeats):
-        if setup is not None:
-            setup()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def touched(volume: object) -> object:
-    """Read one value per 4 KiB page of a hit's memory-mapped array, so that a hit's time includes making the
-    data available (page-table set-up), not only mapping the file."""
-    array = np.asarray(volume.array)  # type: ignore[attr-defined]
-    flat = np.flip(array, axis=[i for i, s in enumerate(array.strides) if s < 0]).transpose(
-        np.argsort([-abs(s) for s in array.strides])).reshape(-1)  # memory order, a view for dense arrays
-    return flat[:: max(1, 4096 // array.itemsize)].sum()
 
 
 def sitk_load(folder: Path) -> object:
@@ -84,30 +64,13 @@ def synthetic_series(root: Path) -> Path:
     return root / "synthetic"
 
 
-def wait_until_older_than_racy(*paths: Path) -> None:
-    """Sleep until every file under ``paths`` last changed more than `cache.RACY_NS` ago."""
-    newest = max(max(s[2], s[3]) for p in paths for s in cache.file_stamp(p))
-    delay = (newest + cache.RACY_NS - time.time_ns()) / 1e9 + 0.05
-    if delay > 0:
-        time.sleep(delay)
-
-
-def bench(name: str, folder: Path, repeats: int, cache_dir: Path) -> dict[str, float | str]:
+def bench(name: str, folder: Path, repeats: int) -> dict[str, float | str]:
     """One round: median times (s) of every reader on one series."""
     monai_load = monai_loader()
     row: dict[str, float | str] = {"series": name}
-    row["fewscan_cold"] = median_time(lambda: load_series(folder), repeats)
+    row["fewscan"] = median_time(lambda: load_series(folder), repeats)
     row["simpleitk"] = median_time(lambda: sitk_load(folder), repeats)
     row["monai_pydicom"] = median_time(lambda: monai_load(folder), repeats)
-
-    row["fewscan_miss"] = median_time(lambda: cached_load(folder, load_series, cache_dir), repeats,
-                                      setup=lambda: cache.clear(cache_dir))
-    wait_until_older_than_racy(folder, cache_dir)
-    hit = lambda: touched(cached_load(folder, load_series, cache_dir))  # noqa: E731
-    row["fewscan_first"] = median_time(hit, max(repeats, 5), setup=cache.forget_verified)
-    hit()
-    row["fewscan_cached"] = median_time(hit, max(repeats, 5))
-    cache.clear(cache_dir)
     return row
 
 
@@ -128,25 +91,18 @@ def table(rows: list[dict], command: str, n_rounds: int, load: str) -> str:
         "## Loading",
         "",
         f"Measured by `{command}` on this machine ({os.cpu_count()} CPUs, shared; {load}).",
-        f"Each figure is the median over {n_rounds} rounds of the median of repeated loads in one process;",
-        "\"cold\" = no fewscan cache (OS file cache warm for all readers alike). Cache: \"miss\" = hash the input",
-        "bytes + load + write the entry; \"first read\" = a hit as in a fresh process (checksum verified);",
-        "\"cached\" = a repeated hit in the same process (entry unchanged since its checksum passed); hits include",
-        "touching every page of the memory-mapped array. Ratios > 1 favour fewscan.",
+        f"Each figure is the median over {n_rounds} rounds of the median of repeated loads in one process",
+        "(OS file cache warm for all readers alike). Ratios > 1 favour fewscan.",
         "",
-        "| series | fewscan cold (s) | SimpleITK (s) | MONAI PydicomReader (s) | cache miss (s) "
-        "| cached first read (s) | fewscan cached (s) | SimpleITK / fewscan cold | MONAI / fewscan cold "
-        "| cold / first read | cold / cached |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| series | fewscan (s) | SimpleITK (s) | MONAI PydicomReader (s) | SimpleITK / fewscan | MONAI / fewscan |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['series']} | {r['fewscan_cold']:.3f} | {r['simpleitk']:.3f} | {r['monai_pydicom']:.3f} "
-            f"| {r['fewscan_miss']:.3f} | {r['fewscan_first']:.4f} | {r['fewscan_cached']:.4f} "
-            f"| {r['simpleitk'] / r['fewscan_cold']:.2f} | {r['monai_pydicom'] / r['fewscan_cold']:.2f} "
-            f"| {r['fewscan_cold'] / r['fewscan_first']:.1f} | {r['fewscan_cold'] / r['fewscan_cached']:.1f} |"
+            f"| {r['series']} | {r['fewscan']:.3f} | {r['simpleitk']:.3f} | {r['monai_pydicom']:.3f} "
+            f"| {r['simpleitk'] / r['fewscan']:.2f} | {r['monai_pydicom'] / r['fewscan']:.2f} |"
         )
-    lines += ["", "Goal: SimpleITK / fewscan cold >= 1 (no slower than SimpleITK), cold / cached >= 20.", ""]
+    lines += ["", "Goal: SimpleITK / fewscan >= 1 (no slower than SimpleITK).", ""]
     return "\n".join(lines)
 
 
@@ -187,7 +143,7 @@ def main() -> None:
         if j2k.is_dir():
             series.append(("TotalSegmentator CT, 20 x 512x512, JPEG 2000", j2k))
         for i in range(args.rounds):
-            rounds.append([bench(name, folder, args.repeats, tmp_path / "cache") for name, folder in series])
+            rounds.append([bench(name, folder, args.repeats) for name, folder in series])
             print(f"round {i + 1}: " + "; ".join(
                 f"{r['series'].split(',')[0]}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items() if k != "series")
                 for r in rounds[-1]), flush=True)

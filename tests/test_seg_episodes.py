@@ -14,9 +14,13 @@ from pipeline.segmentation.episodes import fixed_episodes, labelled_episode, pse
 SHAPE = (20, 24, 18)
 
 
-def _cfg(**seg):
+MR = {"preset": "mr", "spacing": None, "percentiles": [0.5, 99.5]}
+CT3 = {"preset": "ct", "spacing": [3.0, 3.0, 3.0], "window": [-200, 300]}
+
+
+def _cfg(transforms: dict | None = None, **seg):
     return validate({"task": "segmentation", "episodes": {"shots": 2, "queries": 2, "eval_episodes": 3},
-                     "segmentation": {"crop": [16, 16, 16], "test_patients": 0, **seg}})
+                     "transforms": transforms or MR, "segmentation": {"crop": [16, 16, 16], "test_patients": 0, **seg}})
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,7 @@ def cases():
     for i in range(6):
         image, label = synthetic_case(rng, SHAPE)
         out.append(make_case(f"c{i}", Volume(image, np.eye(4)), Volume(label, np.eye(4)), SYNTH_STRUCTURES,
-                             _cfg().segmentation))
+                             _cfg().transforms))
     return out
 
 
@@ -109,16 +113,14 @@ def test_totalsegmentator_ct_and_mr_give_organ_episodes(shared_data) -> None:
         pytest.skip(f"{root} lacks class_map_total.json")
     ct_names = read_label_names(root / "class_map_total.json", "total")
     mr_names = read_label_names(root / "class_map_total.json", "total_mr")
-    scfg = validate({"task": "segmentation", "segmentation": {"modality": "ct", "spacing": [3.0, 3.0, 3.0],
-                                                              "crop": [32, 32, 32], "test_patients": 0}}).segmentation
+    tcfg = validate({"task": "segmentation", "transforms": CT3}).transforms
     cases = [make_case("ct_a", load_nifti(root / "example_ct_sm.nii.gz"),
-                       load_label_map(root / "example_seg.nii.gz", ct_names), ct_names, scfg),
+                       load_label_map(root / "example_seg.nii.gz", ct_names), ct_names, tcfg),
              make_case("ct_b", load_series(root / "example_ct_dicom"),
-                       load_label_map(root / "example_seg_dicom.nii.gz", ct_names), ct_names, scfg)]
+                       load_label_map(root / "example_seg_dicom.nii.gz", ct_names), ct_names, tcfg)]
     assert {"liver", "spleen", "stomach"} <= cases[0].structures() & cases[1].structures()
-    cfg = validate({"task": "segmentation", "episodes": {"shots": 1, "queries": 1},
-                    "segmentation": {"modality": "ct", "spacing": [3.0, 3.0, 3.0], "held_out": ["liver"],
-                                     "test_patients": 0}})
+    cfg = validate({"task": "segmentation", "episodes": {"shots": 1, "queries": 1}, "transforms": CT3,
+                    "segmentation": {"held_out": ["liver"], "test_patients": 0}})
     episodes = fixed_episodes(cfg, "test", 4, cases)
     assert {e["structure"] for e in episodes} == {"liver"}
     for ep in episodes:
@@ -128,9 +130,9 @@ def test_totalsegmentator_ct_and_mr_give_organ_episodes(shared_data) -> None:
     for case in cases:
         inside = case.image[case.mask("liver")]
         assert 0.45 < float(np.median(inside)) < 0.75, case.case_id
-    mr_cfg = _cfg(supervision="self", mode="2d", modality="mr", spacing=[3.0, 3.0, 3.0])
+    mr_cfg = _cfg({**MR, "spacing": [3.0, 3.0, 3.0]}, supervision="self", mode="2d")
     mr = make_case("mr_a", load_nifti(root / "example_mr_sm.nii.gz"),
-                   load_label_map(root / "example_seg_mr.nii.gz", mr_names), mr_names, mr_cfg.segmentation)
+                   load_label_map(root / "example_seg_mr.nii.gz", mr_names), mr_names, mr_cfg.transforms)
     assert len(mr.structures()) == 23
     episode = None
     rng = np.random.default_rng(0)

@@ -48,7 +48,9 @@ def run_dir(tmp_path: Path) -> Path:
     """An (untrained) 2D prototype run directory: enough for adapt/predict plumbing."""
     import yaml
 
-    cfg = validate({"task": "segmentation", "segmentation": {"channels": [8, 16], "features": 8, "modality": "mr"}})
+    transforms = {"preset": "mr", "spacing": None, "percentiles": [0.5, 99.5]}
+    cfg = validate({"task": "segmentation", "transforms": transforms,
+                    "segmentation": {"channels": [8, 16], "features": 8}})
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))

@@ -1,8 +1,9 @@
 """Training-only augmentation of episode tensors: MONAI random transforms, plus torchio's bias field, motion and
 ghosting (MR artefacts MONAI lacks).
 
-The deterministic preset runs once per volume and is cached; this random part is drawn afresh for every
-training episode, on its support and query tensors. Evaluation never calls it.
+The deterministic preset runs once per volume and its output is kept in memory; this random part is drawn afresh
+for every training episode, on its support and query tensors (segmentation: `augment_view`, per view). Evaluation
+never calls it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from monai.transforms import (
     RandShiftIntensity,
 )
 
+from datasets.volume import FewscanError
 from transforms.config import AugmentConfig
 
 
@@ -110,3 +112,46 @@ class EpisodeAugmenter:
 def build_augmenter(cfg: AugmentConfig, spatial_dims: int) -> EpisodeAugmenter | None:
     """The augmenter for training episodes, or None when augmentation is off."""
     return EpisodeAugmenter(cfg, spatial_dims) if cfg.enabled else None
+
+
+# Segmentation views: only intensity changes, since a spatial one would have to move the mask along with the image.
+VIEW_KEYS = ("enabled", "prob", "gamma", "noise_std")
+_VIEW_OFF: dict[str, object] = {"flip_axes": [], "rotate_deg": 0.0, "scale": 0.0, "translate": 0.0,
+                                "intensity_shift": 0.0, "intensity_scale": 0.0, "bias_field": 0.0, "motion": 0.0,
+                                "ghosting": 0.0}
+
+
+def check_view_augment(cfg: AugmentConfig) -> None:
+    """Refuse `transforms.augment` keys that `augment_view` does not apply (set them to 0 or [] for segmentation).
+
+    Raises:
+        FewscanError: naming every such key that is set.
+    """
+    if not cfg.enabled:
+        return
+    bad = [f"{key}={getattr(cfg, key)}" for key, off in _VIEW_OFF.items() if getattr(cfg, key) != off]
+    if bad:
+        raise FewscanError(f"transforms.augment: segmentation augments intensities only ({', '.join(VIEW_KEYS)}); "
+                           f"set {', '.join(bad)} to 0 (flip_axes to [])")
+
+
+def augment_view(x: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """Training-only intensity change of one segmentation view in [0, 1] (its mask is left as it is).
+
+    A gamma drawn log-uniformly from `cfg.gamma` (`x ** gamma`), then Gaussian noise of `cfg.noise_std`, the result
+    clipped to [0, 1]. Each is applied with probability `cfg.prob`; a coin is drawn only when `prob < 1`. Every draw
+    comes from `rng`, in this order, so a training episode is a function of its generator.
+
+    Args:
+        x: `(H, W)` or `(I, J, K)` float32 view.
+
+    Returns:
+        float32 array of the same shape.
+    """
+    y = x
+    if cfg.gamma is not None and (cfg.prob >= 1 or rng.random() < cfg.prob):
+        low, high = cfg.gamma
+        y = y ** float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    if cfg.noise_std and (cfg.prob >= 1 or rng.random() < cfg.prob):
+        y = y + rng.normal(0, cfg.noise_std, y.shape)
+    return np.clip(y, 0, 1).astype(np.float32)

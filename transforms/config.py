@@ -12,7 +12,8 @@ _STRICT = ConfigDict(extra="forbid")
 
 @dataclass(config=_STRICT)
 class TransformConfig:
-    """Deterministic preprocessing of each finding into a fixed-size crop."""
+    """Deterministic preprocessing: each volume through `transforms.presets.volume_preset` (every task kind), then,
+    for classification, each finding into a fixed-size crop."""
 
     preset: Literal["ct", "mr", "auto", "none"] = "ct"  # auto: by the volume's modality (CT / MR / else none)
     spacing: tuple[float, float, float] | None = (1.0, 1.0, 1.0)  # target voxel size, mm (RAS axes); None: keep
@@ -31,7 +32,11 @@ class TransformConfig:
 
 @dataclass(config=_STRICT)
 class AugmentConfig:
-    """Training-only augmentation, drawn per episode on the support and query tensors; evaluation never augments."""
+    """Training-only augmentation, drawn per episode on the support and query tensors; evaluation never augments.
+
+    Classification applies every key (`EpisodeAugmenter`); segmentation applies `prob`, `gamma` and `noise_std` to each
+    view and refuses the others unless they are off (`augment_view`, `check_view_augment`).
+    """
 
     enabled: bool = False
     prob: float = Field(default=0.5, ge=0.0, le=1.0)  # chance of each transform per item
@@ -42,7 +47,9 @@ class AugmentConfig:
     noise_std: float = Field(default=0.02, ge=0.0)
     intensity_shift: float = Field(default=0.05, ge=0.0)
     intensity_scale: float = Field(default=0.1, ge=0.0)
-    gamma: tuple[float, float] | None = (0.8, 1.25)  # random contrast (gamma) range
+    # random contrast (gamma) range: drawn uniformly for classification (MONAI RandAdjustContrast), log-uniformly for
+    # segmentation views (transforms.augment.augment_view)
+    gamma: tuple[float, float] | None = (0.8, 1.25)
     bias_field: float = Field(default=0.0, ge=0.0)  # torchio RandomBiasField coefficient (0: off)
     motion: float = Field(default=0.0, ge=0.0, le=1.0)  # probability of torchio RandomMotion (3D only)
     ghosting: float = Field(default=0.0, ge=0.0, le=1.0)  # probability of torchio RandomGhosting (3D only)

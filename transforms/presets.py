@@ -1,7 +1,8 @@
 """MONAI dictionary-transform presets built from config.
 
-The deterministic part (orientation, spacing, intensity) runs once per volume and is cached by the callers; crops
-around each finding or structure are then cut from the prepared volume, so a series is resampled only once.
+The deterministic part (orientation, spacing, intensity) runs once per volume in a command, and callers keep the
+prepared volume in memory; crops around each finding or structure are then cut from it, so a series is resampled
+only once per command.
 Random augmentation lives in `transforms/augment.py` and is applied per training episode only.
 
 Presets work on `{"image": MetaTensor, "label": MetaTensor}` dicts (label optional): images are resampled
@@ -44,10 +45,15 @@ CT_WINDOWS: dict[str, tuple[float, float]] = {
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # array axes after RAS orientation
 
 
-def volume_to_dict(volume: Volume, label: Volume | None = None) -> dict[str, MetaTensor]:
+def volume_to_dict(volume: Volume, label: Volume | None = None,
+                   dtype: torch.dtype = torch.float32) -> dict[str, MetaTensor]:
     """Wrap a `Volume` (array `(I, J, K)` or `(I, J, K, C)`, RAS affine) as MONAI's `{"image": MetaTensor}`,
-    plus `"label"` when a label map is given (same grid expected)."""
-    out = {"image": _meta_tensor(volume, torch.float32)}
+    plus `"label"` when a label map is given (same grid expected).
+
+    Args:
+        dtype: of the image tensor: the precision the preset computes in.
+    """
+    out = {"image": _meta_tensor(volume, dtype)}
     if label is not None:
         out["label"] = _meta_tensor(label, torch.float32)
     return out

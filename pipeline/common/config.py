@@ -126,7 +126,11 @@ class TrainConfig:
 
 @dataclass(config=_STRICT)
 class SegmentationConfig:
-    """Few-shot segmentation (`task: segmentation`): episodes, prototype network, baselines (pipeline/segmentation/)."""
+    """Few-shot segmentation (`task: segmentation`): episodes, prototype network, baselines (pipeline/segmentation/).
+
+    Cases are preprocessed by `transforms` (preset, spacing, CT window / MR percentiles) and training views
+    augmented by `transforms.augment` (gamma and noise only, see `transforms.augment.augment_view`).
+    """
 
     mode: Literal["2d", "3d"] = "2d"  # 2d: axial slices, SSL-ALPNet protocol; 3d: volumes / crops
     supervision: Literal["self", "labels"] = "self"  # self: supervoxel pseudo-structures; labels: training organs
@@ -134,9 +138,6 @@ class SegmentationConfig:
     held_out: list[str] = Field(default_factory=list)  # evaluated, never trained on; empty: every labelled one
     test_patients: float = Field(default=0.3, ge=0, lt=1)  # share of patients kept out of training (0: none)
     setting: Literal[1, 2] = 1  # 2: training slices/crops that contain a held-out structure are dropped
-    modality: Literal["mr", "ct"] = "mr"  # intensity: MR percentiles 0.5-99.5, CT `window`, both to [0, 1]
-    window: tuple[float, float] = (-200.0, 300.0)
-    spacing: tuple[float, float, float] | None = None  # resample to mm (RAS); None keeps the source grid
     crop: tuple[int, int, int] = (32, 32, 32)  # 3d training crops and sliding-window size
     encoder: Literal["unet", "basicunet", "segresnet"] = "unet"  # monai.networks.nets backbone
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64])

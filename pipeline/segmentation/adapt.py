@@ -86,7 +86,7 @@ def adapt(run_dir: Path, support: Path, out: Path, structure: str | None = None)
         image = _load_image(image_path)
         label = load_labels(label_path, reference=image_path, image=image, mismatch="resample")
         mask = Volume(_structure_mask(label, structure, label_path).astype(np.uint8), label.affine)
-        case = make_case("support", image, mask, {1: "structure"}, scfg, str(image_path))
+        case = make_case("support", image, mask, {1: "structure"}, cfg.transforms, str(image_path))
         if not case.label.any():
             raise InputError(label_path, f"structure {structure or '(any)'} is empty in this support scan")
         m = case.label > 0
@@ -142,7 +142,7 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
     for i, path in enumerate(inputs):
         path = Path(path)
         image = _load_image(path)
-        case = make_case(f"input{i}", image, None, {}, scfg, str(path))
+        case = make_case(f"input{i}", image, None, {}, cfg.transforms, str(path))
         mask = run_learned(lambda xs, ms: predictor, scfg.mode, [], case.image, None, 1, True)
         is_nifti = path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
         source = nib.load(str(path)) if is_nifti else image.to_nifti()

@@ -1,7 +1,8 @@
 """Segmentation cases: preprocessed scans with label maps and structure names, structure and patient splits.
 
-A *case* is one preprocessed scan (canonical RAS, optional resampling, intensities in [0, 1]) with an optional
-integer label map and its structure names. Episodes (`pipeline/segmentation/episodes.py`) only name cases.
+A *case* is one scan preprocessed by the run's `transforms` preset (canonical RAS, optional resampling, intensities
+in [0, 1]) with an optional integer label map and its structure names. Episodes
+(`pipeline/segmentation/episodes.py`) only name cases.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.processing import resample_from_to, resample_to_output
+import torch
+from nibabel.processing import resample_from_to
 
 from datasets.index import patient_key
 from datasets.volume import FewscanError, InputError, Volume
-from pipeline.common.config import Config, SegmentationConfig
+from pipeline.common.config import Config
 from pipeline.common.splits import assign_patients
+from transforms.config import TransformConfig
+from transforms.presets import preset_kind, volume_preset, volume_to_dict
 
 log = logging.getLogger(__name__)
 
@@ -56,42 +60,49 @@ class Case:
         return {n for v, n in self.names.items() if v in present}
 
 
-def normalise(image: np.ndarray, scfg: SegmentationConfig) -> np.ndarray:
-    """Intensities to [0, 1]: CT through `window` (HU), MR between its 0.5 and 99.5 percentiles."""
-    image = image.astype(np.float32)
-    if scfg.modality == "ct":
-        low, high = scfg.window
-    else:
-        low, high = np.percentile(image, [0.5, 99.5])
-    return np.clip((image - low) / max(float(high - low), 1e-6), 0.0, 1.0).astype(np.float32)
+def _label_on_grid(label: Volume, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """A label map resampled into the prepared image grid `(shape, affine)` (nearest neighbour, world coordinates),
+    so a label stored on another grid than its image lands on the right voxels. `(I, J, K)` int16."""
+    lab = nib.Nifti1Image(np.asarray(label.array).astype(np.int16), label.affine)
+    return np.asarray(resample_from_to(lab, (shape, affine), order=0).dataobj).astype(np.int16)
 
 
 def make_case(case_id: str, image: Volume, label: Volume | None, names: dict[int, str],
-              scfg: SegmentationConfig, source: str = "") -> Case:
-    """Canonical RAS, optional resampling (labels nearest-neighbour), intensity normalisation."""
+              tcfg: TransformConfig, source: str = "") -> Case:
+    """One case: the image's first channel through `transforms.presets.volume_preset` (RAS, optional spacing,
+    intensities to [0, 1] by the CT window or MR percentiles of `tcfg`), its label map into the prepared grid.
+
+    Args:
+        image: `(I, J, K)` or `(I, J, K, C)` (first channel used); `meta["modality"]` picks the `auto` preset.
+        label: integer label map, on any grid (resampled nearest-neighbour in world coordinates).
+        tcfg: the run's `transforms` section.
+    """
     where = source or case_id
     array = image.array[..., 0] if image.array.ndim == 4 else image.array  # multi-channel: first channel
-    img = nib.Nifti1Image(np.asarray(array, np.float32), image.affine)
-    if scfg.spacing is not None:
-        img = resample_to_output(img, scfg.spacing, order=1)
-    img = nib.as_closest_canonical(img)
-    lab_arr = None
-    if label is not None:
-        lab = nib.Nifti1Image(np.asarray(label.array).astype(np.int16), label.affine)
-        if lab.shape[:3] != image.array.shape[:3] or not np.allclose(lab.affine, image.affine, atol=1e-3):
-            log.debug("%s: label grid differs from the image; resampling it (nearest neighbour)", where)
-        lab = resample_from_to(lab, img, order=0)  # into the prepared image grid, in world coordinates
-        lab_arr = np.asarray(lab.dataobj).astype(np.int16)
-    data = np.asarray(img.dataobj, np.float32)
-    if data.ndim != 3 or min(data.shape) < 2:
+    array = np.asarray(array, dtype=np.float32)  # float64 sources too: the float32 values are what is scaled
+    if array.ndim != 3:
+        raise InputError(where, f"expected a 3D volume, got shape {array.shape}")
+    modality = image.meta.get("modality")
+    # MR percentiles scale in float64 (numpy's percentiles are float64) and the CT window in float32: the arithmetic
+    # segmentation cases have always had, so they stay bit for bit the same; both are stored as float32.
+    dtype = torch.float64 if preset_kind(tcfg, modality) == "mr" else torch.float32
+    prepared = volume_preset(tcfg, modality)(volume_to_dict(Volume(array, image.affine), dtype=dtype))["image"]
+    data = np.asarray(prepared[0], dtype=np.float32)
+    if min(data.shape) < 2:
         raise InputError(where, f"expected a 3D volume, got shape {data.shape}")
+    affine = np.asarray(prepared.affine, dtype=float)
+    lab = None
+    if label is not None:
+        if label.array.shape[:3] != array.shape or not np.allclose(label.affine, image.affine, atol=1e-3):
+            log.debug("%s: label grid differs from the image; resampling it (nearest neighbour)", where)
+        lab = _label_on_grid(label, data.shape, affine)
     names = {int(v): str(n) for v, n in names.items() if int(v) != 0}  # background is not a structure
-    return Case(case_id, patient_key(case_id), normalise(data, scfg), img.affine, lab_arr, names)
+    return Case(case_id, patient_key(case_id), data, affine, lab, names)
 
 
-def load_decathlon(root: Path, scfg: SegmentationConfig) -> list[Case]:
+def load_decathlon(root: Path, tcfg: TransformConfig) -> list[Case]:
     """Every image of a Decathlon-format folder (`datasets.sources.read_decathlon`): labelled `training` entries
-    and unlabelled `test` entries (self-supervised training can use both)."""
+    and unlabelled `test` entries (self-supervised training can use both), preprocessed by `tcfg`."""
     from datasets.sources import load_case, read_decathlon
 
     dataset = read_decathlon(Path(root))
@@ -100,15 +111,15 @@ def load_decathlon(root: Path, scfg: SegmentationConfig) -> list[Case]:
     cases = []
     for entry in dataset.cases:
         image, label = load_case(dataset, entry)
-        cases.append(make_case(entry.case_id, image, label, dataset.label_names, scfg, str(entry.image)))
+        cases.append(make_case(entry.case_id, image, label, dataset.label_names, tcfg, str(entry.image)))
     return cases
 
 
 def load_cases(cfg: Config) -> list[Case]:
-    """The cases of `cfg.data.root` (a Decathlon-format folder)."""
+    """The cases of `cfg.data.root` (a Decathlon-format folder), preprocessed by `cfg.transforms`."""
     if not cfg.data.root:
         raise FewscanError("data.root is empty: set it to a Decathlon-format folder")
-    return load_decathlon(Path(cfg.data.root), cfg.segmentation)
+    return load_decathlon(Path(cfg.data.root), cfg.transforms)
 
 
 def split_structures(cases: list[Case], held_out: list[str]) -> dict[str, list[str]]:

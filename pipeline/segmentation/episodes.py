@@ -26,6 +26,8 @@ from pipeline.common.config import Config, SegmentationConfig
 from pipeline.common.episodes import EpisodeStream, stream_seed
 from pipeline.segmentation.data import Case, load_cases, make_case, split_patients, split_structures
 from pipeline.segmentation.supervoxels import body_mask, pick_region, supervoxels
+from transforms.augment import augment_view, check_view_augment
+from transforms.config import AugmentConfig
 from transforms.crop import crop_at
 
 log = logging.getLogger(__name__)
@@ -117,10 +119,6 @@ def fixed_episodes(cfg: Config, split: str, n: int, cases: list[Case] | None = N
 
 
 # --- tensors for training episodes -------------------------------------------------------------------
-def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Training-only intensity change (gamma and noise), so support and query never look identical."""
-    gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.5))))
-    return np.clip(x ** gamma + rng.normal(0, 0.02, x.shape), 0, 1).astype(np.float32)
 
 
 def _excluded(case: Case, held_out: list[str]) -> np.ndarray | None:
@@ -134,14 +132,15 @@ def _excluded(case: Case, held_out: list[str]) -> np.ndarray | None:
 
 
 def _view(case: Case, mask: np.ndarray, point: np.ndarray, scfg: SegmentationConfig,
-          rng: np.random.Generator, augment: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Image and mask cut around `point`: a 2D axial slice crop `crop[:2]` or a 3D crop `crop`."""
+          rng: np.random.Generator, augment: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Image and mask cut around `point`: a 2D axial slice crop `crop[:2]` or a 3D crop `crop`; the image
+    augmented by `transforms.augment` when it is enabled (training views only: evaluation never cuts views here)."""
     if scfg.mode == "2d":
         size, k = tuple(scfg.crop[:2]), int(point[2])
         img, msk = crop_at(case.image[:, :, k], point[:2], size), crop_at(mask[:, :, k], point[:2], size)
     else:
         img, msk = crop_at(case.image, point, tuple(scfg.crop)), crop_at(mask, point, tuple(scfg.crop))
-    return (_augment(img, rng) if augment else img), msk
+    return (augment_view(img, augment, rng) if augment.enabled else img), msk
 
 
 def _stack(views: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +189,7 @@ def labelled_episode(cases: list[Case], structures: list[str], cfg: Config, rng:
             return None
         if info is not None:
             info["views"].append((case.case_id, tuple(int(v) for v in point)))
-        views.append(_view(case, mask, point, scfg, rng, augment=True))
+        views.append(_view(case, mask, point, scfg, rng, cfg.transforms.augment))
     sx, sm = _stack(views[:len(support)])
     qx, qm = _stack(views[len(support):])
     return sx, sm, qx, qm
@@ -228,7 +227,7 @@ def pseudo_episode(cases: list[Case], cfg: Config, rng: np.random.Generator,
     views = []
     for _ in range(cfg.episodes.shots):
         point = points[int(rng.integers(len(points)))]
-        views.append(_view(case, mask, point, scfg, rng, augment=True))
+        views.append(_view(case, mask, point, scfg, rng, cfg.transforms.augment))
     if scfg.mode == "2d":
         ks = np.unique(points[:, 2])
         near = ks[np.abs(ks - point[2]) <= 2] if scfg.supervoxels == "slic" else np.array([point[2]])
@@ -237,7 +236,7 @@ def pseudo_episode(cases: list[Case], cfg: Config, rng: np.random.Generator,
         qpoint = in_slice[int(rng.integers(len(in_slice)))]
     else:
         qpoint = point + rng.integers(-(np.asarray(scfg.crop) // 4), np.asarray(scfg.crop) // 4 + 1)
-    qview = _view(case, mask, qpoint, scfg, rng, augment=True)
+    qview = _view(case, mask, qpoint, scfg, rng, cfg.transforms.augment)
     if qview[1].sum() == 0:
         return None
     sx, sm = _stack(views)
@@ -266,6 +265,7 @@ class SegEpisodes(EpisodeStream):
     def __init__(self, cases: list[Case], cfg: Config, split: dict[str, list[str]], length: int,
                  start: int = 0) -> None:
         super().__init__(length, start)
+        check_view_augment(cfg.transforms.augment)
         self.cases, self.cfg, self.split = cases, cfg, split
 
     def make(self, i: int) -> tuple[torch.Tensor, ...]:
