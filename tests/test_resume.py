@@ -52,10 +52,10 @@ def test_classification_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_segmentation_resumes_exactly(tmp_path: Path) -> None:
-    from pipeline.segmentation.output import write_synthetic_decathlon
+    from datasets.synth_decathlon import write_synthetic_organs
     from pipeline.segmentation.train import train
 
-    root = write_synthetic_decathlon(tmp_path / "Task99", n_cases=4, shape=(20, 24, 16), unlabelled=1)
+    root = write_synthetic_organs(tmp_path / "Task99", n_cases=4, shape=(20, 24, 16), unlabelled=1)
     sets = [f"data.root={root}", "train.iterations=4", "train.log_every=1", "train.threads=1",
             "segmentation.mode=2d", "segmentation.method=proto", "segmentation.channels=[8, 16]",
             "segmentation.features=8", "segmentation.test_patients=0.5", "segmentation.n_supervoxels=20"]
@@ -64,10 +64,10 @@ def test_segmentation_resumes_exactly(tmp_path: Path) -> None:
 
 def test_registration_reptile_resumes_exactly(tmp_path: Path) -> None:
     """Reptile carries its inner Adam state from task to task: a resume must restore it too."""
-    from pipeline.registration.episodes import write_synthetic_decathlon
+    from datasets.synth_decathlon import write_synthetic_subjects
     from pipeline.registration.train import train
 
-    root = write_synthetic_decathlon(tmp_path / "Task", n_cases=8, shape=(18, 16, 15))
+    root = write_synthetic_subjects(tmp_path / "Task", n_cases=8, shape=(18, 16, 15))
     config = tmp_path / "register.yaml"
     config.write_text(yaml.safe_dump({
         "task": "registration", "seed": 0, "data": {"source": "decathlon", "root": str(root)},

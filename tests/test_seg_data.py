@@ -83,7 +83,7 @@ def test_run_config_records_the_transforms_used_and_evaluation_never_augments(tm
     import pipeline.segmentation.episodes as episodes
     from pipeline.common.run import load_run_config
     from pipeline.segmentation.evaluate import evaluate
-    from pipeline.segmentation.output import write_synthetic_decathlon
+    from datasets.synth_decathlon import write_synthetic_organs
     from pipeline.segmentation.train import train
 
     used, augmented = [], []
@@ -95,7 +95,7 @@ def test_run_config_records_the_transforms_used_and_evaluation_never_augments(tm
 
     monkeypatch.setattr(data, "volume_preset", recording_preset)
     monkeypatch.setattr(episodes, "augment_view", lambda x, cfg, rng: augmented.append(1) or augment_view(x, cfg, rng))
-    root = write_synthetic_decathlon(tmp_path / "Task99", n_cases=4, shape=(16, 16, 10))
+    root = write_synthetic_organs(tmp_path / "Task99", n_cases=4, shape=(16, 16, 10))
     cfg = load_config(REPO / "configs" / "segment_decathlon_ssl.yaml", [
         f"data.root={root}", "train.iterations=2", "episodes.eval_episodes=1", "segmentation.channels=[4, 8]",
         "segmentation.features=4", "segmentation.n_supervoxels=10", "segmentation.baselines=[]",

@@ -81,13 +81,13 @@ def test_registration_groups_are_disjoint_and_the_shared_ranking(reg_root: Path)
 
 def test_segmentation_and_registration_keys_honour_fewscan_salt(monkeypatch: pytest.MonkeyPatch,
                                                                 reg_root: Path) -> None:
-    scfg = validate({"task": "segmentation"}).segmentation
+    tcfg = validate({"task": "segmentation", "transforms": {"preset": "mr"}}).transforms
     image = Volume(np.random.default_rng(0).random((6, 6, 6)).astype(np.float32), np.eye(4))
     cfg = _reg_cfg(reg_root)
     keys = {}
     for salt in ("first-secret", "second-secret"):
         monkeypatch.setenv("FEWSCAN_SALT", salt)
-        seg = make_case("case_007", image, None, {}, scfg).patient_key
+        seg = make_case("case_007", image, None, {}, tcfg).patient_key
         assert seg == patient_key("case_007", salt)
         reg = {c.case_id: c.patient_key for c in registration_tasks(cfg)[0].cases}
         assert reg["synth_003"] == patient_key("SynthBrain/synth_003", salt)
