@@ -171,14 +171,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _set_argument(p, "override config values, e.g. --set train.iterations=50 seed=1")
     p.add_argument("--out", type=Path, required=True, help="run directory to create")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/last (classification resumes from there automatically when present)")
+                   help="require OUT/last to continue from (every task kind resumes from it automatically when present)")
 
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.common.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = task_module(cfg.task).train(cfg, args.out, **({"resume": True} if args.resume else {}))
+    run_dir = task_module(cfg.task).train(cfg, args.out, resume=args.resume)
     print(f"run directory: {run_dir}")
     return 0
 
