@@ -6,6 +6,7 @@ An unknown key or a bad value raises `ConfigError` with a one-line message namin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -197,6 +198,23 @@ class RegistrationConfig:
     baseline: Literal["affine+demons", "affine+bspline", "none"] = "affine+demons"  # SimpleITK, same pairs
     baseline_affine: bool = True  # also report SimpleITK affine alone
 
+    def size_divisor(self) -> int:
+        """What every side of the network's grid must be a multiple of: the networks halve the grid `levels - 1`
+        times, after the 2x average pooling of `half_res`."""
+        return 2 ** (self.levels - 1) * (2 if self.half_res else 1)
+
+    def grid_problem(self, size: Sequence[int]) -> str | None:
+        """Why a volume of `size` voxels cannot be the network's grid, and the fix; None when it can be."""
+        d = self.size_divisor()
+        if all(s >= d and s % d == 0 for s in size):
+            return None
+        halvings = self.levels - 1 + int(self.half_res)
+        fit = [max(d, round(s / d) * d) for s in size]
+        return (f"{list(size)} is not a positive multiple of {d} on every side (the registration network halves the "
+                f"grid {halvings} times: registration.levels={self.levels}, "
+                f"half_res={str(self.half_res).lower()}); set transforms.volume_size to multiples of {d}, "
+                f"e.g. {fit}, or lower registration.levels")
+
 
 @dataclass(config=_STRICT)
 class Config:
@@ -311,15 +329,29 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def validate(raw: dict[str, Any], source: str = "config") -> Config:
-    """Validate a raw mapping into a `Config`; the first problem becomes a one-line `ConfigError`."""
+    """Validate a raw mapping into a `Config` (each section, then the rules across sections); the first problem
+    becomes a one-line `ConfigError`."""
     try:
-        return _ADAPTER.validate_python(raw)
+        cfg = _ADAPTER.validate_python(raw)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             raise ConfigError(f"{source}: unknown key '{key}'") from None
         raise ConfigError(f"{source}: bad value for '{key}': {first['msg']} (got {first['input']!r})") from None
+    _check_sections(cfg, source)
+    return cfg
+
+
+def _check_sections(cfg: Config, source: str) -> None:
+    """Rules across sections, which no single section's validation sees: a registration run's fixed grid
+    (`transforms.volume_size`) must suit its network (`registration.levels`, `half_res`). Checked here so that
+    `train` refuses before it writes anything, rather than when it builds the network."""
+    size = cfg.transforms.volume_size
+    if cfg.task == "registration" and size is not None:
+        problem = cfg.registration.grid_problem(size)
+        if problem is not None:
+            raise ConfigError(f"{source}: transforms.volume_size {problem}")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

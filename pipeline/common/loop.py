@@ -115,14 +115,25 @@ def begin(cfg: Config, run_dir: Path, resume: bool = False, device: torch.device
     """
     world, device = distributed.init(device or pick_device(cfg.train.device))
     run_dir = Path(run_dir)
-    resuming = (run_dir / "last" / "state.json").is_file()
-    if resume and not resuming:
-        raise FewscanError(f"{run_dir}: nothing to resume (no last/state.json)")
+    resuming = check_resume(run_dir, resume)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     set_threads(cfg)
     return Session(cfg, run_dir, world, device, resuming)
+
+
+def check_resume(run_dir: Path, resume: bool) -> bool:
+    """Whether `run_dir` holds a checkpoint to resume from (`last/state.json`); a task kind that reads and checks
+    its data before `begin` calls this first, so that `--resume` without a checkpoint is the error it reports.
+
+    Raises:
+        FewscanError: `resume` and no checkpoint.
+    """
+    resuming = (Path(run_dir) / "last" / "state.json").is_file()
+    if resume and not resuming:
+        raise FewscanError(f"{run_dir}: nothing to resume (no last/state.json)")
+    return resuming
 
 
 def fresh_state(task: Task) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from monai.networks.blocks import DVF2DDF
 from monai.networks.nets import GlobalNet, LocalNet, RegUNet, VoxelMorphUNet
 from torch import Tensor, nn
 
+from datasets.volume import FewscanError
 from pipeline.common.config import RegistrationConfig
 from pipeline.nn.inner import reptile_update
 from pipeline.registration.deformation import warp
@@ -63,10 +64,9 @@ class RegistrationNet(nn.Module):
         super().__init__()
         self.half = rcfg.half_res
         self.image_size = tuple(int(v) for v in image_size)
-        factor = 2 ** (rcfg.levels - 1) * (2 if self.half else 1)
-        if any(s % factor for s in image_size):
-            raise ValueError(f"volume size {list(image_size)} must be divisible by {factor} "
-                             f"(registration.levels={rcfg.levels}, half_res={rcfg.half_res})")
+        problem = rcfg.grid_problem(self.image_size)
+        if problem is not None:  # configs and training data are checked before this; a last guard
+            raise FewscanError(f"volume size {problem}")
         size = [s // 2 for s in image_size] if self.half else list(image_size)
         self.globalnet = (GlobalNet(image_size=size, spatial_dims=3, in_channels=2, num_channel_initial=rcfg.features,
                                     depth=rcfg.levels - 1) if rcfg.prealign == "globalnet" else None)

@@ -21,7 +21,7 @@ from pipeline.common import loop
 from pipeline.common.config import Config
 from pipeline.common.episodes import episode_loader
 from pipeline.common.report import write_json
-from pipeline.common.run import write_config
+from pipeline.common.run import set_threads, write_config
 from pipeline.registration.episodes import (
     SPLITS,
     Batch,
@@ -52,20 +52,38 @@ def build_net(cfg: Config, shape: tuple[int, ...]) -> RegistrationNet:
 
 
 # --- training ---------------------------------------------------------------------------------------------------
-def write_pairs(cfg: Config, run_dir: Path, main: bool = True) -> dict[str, list[dict[str, Any]]]:
-    """The fixed pairs of every split; rank 0 writes `split.json` (patient keys) and `pairs.json`."""
+def plan_pairs(cfg: Config) -> tuple[dict[str, dict[str, list[str]]], dict[str, list[dict[str, Any]]]]:
+    """The patient groups of every task and the fixed pairs of every split; nothing is written.
+
+    Raises:
+        FewscanError: no training or no evaluation pairs.
+    """
     groups = {t.name: patient_groups(t, cfg) for t in registration_tasks(cfg)}
     pairs = {split: fixed_pairs(cfg, split) for split in SPLITS}
-    if main:
-        write_json(groups, run_dir / "split.json")
-        write_json(pairs, run_dir / "pairs.json")
     if not pairs["train"] or not pairs["eval"]:
         raise FewscanError(f"{cfg.data.root}: no training or evaluation pairs (check registration.* splits)")
-    return pairs
+    return groups, pairs
+
+
+def training_data(cfg: Config, pairs: list[dict[str, Any]]) -> PairData:
+    """The prepared training pairs, checked to suit the network.
+
+    Raises:
+        FewscanError: volumes of several shapes, or a shape the network cannot take (`transforms.volume_size`
+            unset; a set one is checked with the config).
+    """
+    data = PairData(cfg, pairs)
+    problem = cfg.registration.grid_problem(data.shape)
+    if problem is not None:
+        raise FewscanError(f"{cfg.data.root}: the prepared volume size {problem}")
+    return data
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None = None) -> Path:
     """Meta-train (Reptile, or joint training) on the training pairs (on the CPU); returns the run directory.
+
+    Pairs and training volumes are read and checked before anything is written, so a refused run leaves no run
+    directory behind.
 
     Args:
         cfg: the run config.
@@ -73,14 +91,18 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
         resume: require a checkpoint to resume from (error when there is none).
         stop_at: stop after this iteration as if interrupted (writes `last/`; for tests and time-boxed runs).
     """
-    session = loop.begin(cfg, run_dir, resume, device=torch.device("cpu"))
     rcfg = cfg.registration
+    loop.check_resume(run_dir, resume)
+    set_threads(cfg)  # preparation (MONAI transforms, SimpleITK pre-alignment) on the configured CPU budget
+    start = time.perf_counter()
+    groups, pairs = plan_pairs(cfg)
+    data = training_data(cfg, pairs["train"])
+    prep_seconds = time.perf_counter() - start
+    session = loop.begin(cfg, run_dir, resume, device=torch.device("cpu"))
     if session.world.main:
         write_config(cfg, session.run_dir)
-    pairs = write_pairs(cfg, session.run_dir, session.world.main)
-    start = time.perf_counter()
-    data = PairData(cfg, pairs["train"])
-    prep_seconds = time.perf_counter() - start
+        write_json(groups, session.run_dir / "split.json")
+        write_json(pairs, session.run_dir / "pairs.json")
     model = build_net(cfg, data.shape)
     losses = Losses(rcfg, n_labels(pairs["train"]))
     stream = RegEpisodes(data, cfg, cfg.train.iterations)
