@@ -14,6 +14,7 @@ a `train` pair; the same seed gives the same pairs.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -31,7 +32,10 @@ from pipeline.common.episodes import EpisodeStream
 from pipeline.common.progress import progress
 from pipeline.common.splits import assign_patients
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "adapt", "eval")
+NO_FOREGROUND = "label map has no foreground labels"
 # One batch of pairs: moving `(B, 1, *S)`, fixed `(B, 1, *S)`, moving labels and fixed labels `(B, 1, *S)` or None.
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 # the names the `episodes` verb uses for classification splits
@@ -213,10 +217,63 @@ def preprocess(cfg: Config, image: Volume, label: Volume | None, channel: int,
     return img, lab
 
 
-class PairData:
-    """Prepared volumes of a set of pairs, each case loaded once; moving images pre-aligned per pair on request."""
+def labels_on_image(labels: Volume, image: Volume, path: Path, image_path: Path) -> Volume:
+    """`labels` on the grid of its image: as they are when the grids coincide, else resampled nearest-neighbour in
+    world coordinates (as segmentation's cases are), so a label map stored on another grid lands on its voxels.
 
-    def __init__(self, cfg: Config, pairs: list[dict[str, Any]]) -> None:
+    Raises:
+        InputError: naming `path`, when no foreground label falls inside the image (the grids do not overlap).
+    """
+    from pipeline.registration.deformation import resample_to
+
+    grid = Volume(np.zeros(image.array.shape[:3], np.float32), image.affine)
+    if labels.array.shape[:3] == grid.array.shape and np.allclose(labels.affine, image.affine, atol=1e-3):
+        return labels
+    on_grid = resample_to(labels, grid, nearest=True)
+    if not on_grid.array.any():
+        raise InputError(path, f"label map does not overlap its image {image_path} (none of its foreground labels "
+                         "falls inside the image's grid)")
+    log.debug("%s: label grid differs from its image; resampled nearest-neighbour", path)
+    return on_grid
+
+
+def case_labels(case: dict[str, Any], image: Volume, required: bool) -> Volume | None:
+    """The label map of a pair's case on its image's grid, or None when the case has none to use.
+
+    Empty-label policy. Training (and adaptation) pairs: an all-background map is treated like a missing one,
+    with a warning naming the file, as nnU-Net and MONAI train on cases whose reference is empty; the case's
+    pairs then train on image similarity alone (a Dice term against an empty fixed map would teach the network
+    to warp the moving structures out of the volume). Held-out pairs (`required`): an error. MONAI's
+    `ignore_empty` would leave such a pair out of the Dice mean, but these pairs are fixed at training and every
+    method is compared on all of them pair by pair, so a pair without Dice would silently shrink (or turn into
+    NaN) the paired comparisons; and in a registration data set every case shows the anatomy, so an empty map
+    is a failed annotation to fix, not a negative case.
+
+    Raises:
+        InputError: naming the file: `required` and no labels (none listed, or all background); or labels that
+            do not overlap their image.
+    """
+    if not case["label"]:
+        if required:
+            raise InputError(case["image"], "has no label map; held-out pairs need labels on both sides for Dice")
+        return None
+    path = Path(case["label"])
+    labels = load_label_map(path)
+    if not labels.array.any():
+        if required:
+            raise InputError(path, f"{NO_FOREGROUND}; held-out pairs need labels on both sides for Dice")
+        log.warning("%s: %s; its case is used without labels (image similarity only)", path, NO_FOREGROUND)
+        return None
+    return labels_on_image(labels, image, path, Path(case["image"]))
+
+
+class PairData:
+    """Prepared volumes of a set of pairs, each case loaded once; moving images pre-aligned per pair on request.
+
+    With `labels_required` (the held-out pairs) every case must have a label map with foreground (`case_labels`).
+    """
+
+    def __init__(self, cfg: Config, pairs: list[dict[str, Any]], labels_required: bool = False) -> None:
         self.cfg = cfg
         self.pairs = pairs
         self.cases: dict[tuple[str, int], tuple[Volume, Volume | None]] = {}
@@ -225,16 +282,28 @@ class PairData:
                 key = (case["image"], pair["channel"])
                 if key not in self.cases:
                     image = load_nifti(Path(case["image"]))
-                    label = load_label_map(Path(case["label"])) if case["label"] else None
+                    label = case_labels(case, image, labels_required)
                     self.cases[key] = preprocess(cfg, image, label, pair["channel"], pair["modality"])
-        shapes = {v[0].array.shape for v in self.cases.values()}
-        if len(shapes) > 1:
-            raise FewscanError(f"prepared volumes differ in shape {sorted(shapes)}: set transforms.volume_size")
-        self.shape = shapes.pop() if shapes else (0, 0, 0)
+        self.shape = self._common_shape()
         self.aligned: dict[int, tuple[Volume, Volume | None, float]] = {}
         if cfg.registration.prealign == "sitk":
             for i in progress(range(len(pairs)), desc="SimpleITK affine pre-alignment", unit="pair"):
                 self.aligned[i] = self._sitk_affine(i)
+
+    def _common_shape(self) -> tuple[int, ...]:
+        """The one shape of every prepared image (`(0, 0, 0)` without pairs).
+
+        Raises:
+            FewscanError: naming a file of each of two shapes, when they differ (no `transforms.volume_size`).
+        """
+        by_shape = {v[0].array.shape: image for (image, _), v in self.cases.items()}
+        if len(by_shape) > 1:
+            (a, file_a), (b, file_b) = sorted(by_shape.items())[:2]
+            more = f" ({len(by_shape)} shapes in all)" if len(by_shape) > 2 else ""
+            raise FewscanError(f"prepared volumes differ in shape: {file_a} is {list(a)} voxels, {file_b} is "
+                               f"{list(b)}{more}: set transforms.volume_size (multiples of "
+                               f"{self.cfg.registration.size_divisor()}) so that every volume shares one grid")
+        return next(iter(by_shape), (0, 0, 0))
 
     def volumes(self, i: int) -> tuple[Volume, Volume, Volume | None, Volume | None]:
         """Moving, fixed, moving labels, fixed labels of pair `i` (moving pre-aligned when configured)."""

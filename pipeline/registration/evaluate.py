@@ -172,9 +172,8 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     set_threads(cfg)
     seed_everything(cfg.seed)
     pairs, source = evaluation_pairs(cfg, run_dir, episodes_path, episodes_file)
-    evaluation = PairData(cfg, pairs)
-    if any(evaluation.volumes(i)[2] is None or evaluation.volumes(i)[3] is None for i in range(len(pairs))):
-        raise FewscanError(f"{cfg.data.root}: evaluation pairs need label maps on both sides for Dice")
+    evaluation = PairData(cfg, pairs, labels_required=True)
+    check_trained_shape(run_dir, cfg, evaluation.shape)
     if episodes_file is not None and source.resolve() != episodes_path.resolve():
         save_episode_set(pairs, episodes_path)
     adapt_pairs = json.loads((run_dir / "pairs.json").read_text())["adapt"]
@@ -189,6 +188,20 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     report["paired"] = paired(report)
     write_json(report, out)
     return report
+
+
+def check_trained_shape(run_dir: Path, cfg: Config, shape: tuple[int, ...]) -> None:
+    """Refuse held-out volumes of another shape than the training ones (possible only without
+    `transforms.volume_size`, which fixes the shape of every volume).
+
+    Raises:
+        FewscanError: the shapes differ.
+    """
+    state = run_dir / "state.json"
+    trained = tuple(json.loads(state.read_text()).get("volume_size", shape)) if state.is_file() else shape
+    if tuple(shape) != trained:
+        raise FewscanError(f"{cfg.data.root}: the held-out volumes are {list(shape)} voxels but the network was "
+                           f"trained on {list(trained)}: train with transforms.volume_size set")
 
 
 def _identity_rows(data: PairData) -> list[dict[str, Any]]:
