@@ -171,7 +171,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _set_argument(p, "override config values, e.g. --set train.iterations=50 seed=1")
     p.add_argument("--out", type=Path, required=True, help="run directory to create")
     p.add_argument("--resume", action="store_true",
-                   help="require OUT/last to continue from (every task kind resumes from it automatically when present)")
+                   help="require OUT/last to continue from (every task kind resumes from it automatically when "
+                        "present)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -238,7 +239,9 @@ def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moving", type=Path, required=True, help="moving image, warped onto the fixed grid")
     p.add_argument("--moving-labels", type=Path, default=None, help="label map of the moving image (optional)")
     p.add_argument("--checkpoint", type=Path, required=True, help="registration run directory (or its weights)")
-    p.add_argument("--modality", default=None, help="intensity preset key, e.g. MRI or CT (default: the run's)")
+    p.add_argument("--modality", action="append", default=None,
+                   help="modality (intensity preset key), e.g. MRI or CT: once for both images, or twice (fixed, "
+                        "then moving); default: each image's own (DICOM), else the run's")
     p.add_argument("--out", type=Path, required=True, help="folder for warped image, labels and field")
 
 

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from datasets.sources import load_nifti
 from datasets.synth_decathlon import write_synthetic_subjects
+from datasets.volume import FewscanError, InputError
 from datasets.world import from_sitk, to_sitk
 from pipeline.__main__ import main
 from pipeline.common.config import validate
@@ -74,3 +75,115 @@ def test_register_rejects_a_missing_checkpoint(tmp_path: Path, capsys: pytest.Ca
                "--out", str(tmp_path / "o")])
     assert rc == 2
     assert "not a registration run" in capsys.readouterr().err
+
+
+# --- bad input: one line naming the file and the reason, exit 2, no output folder ----------------------------------
+def refused(capsys: pytest.CaptureFixture[str], argv: list[str], out: Path, *needles: str) -> str:
+    """`main(argv)` exits 2 with one line holding every needle, and `out` was never created."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"fewscan {argv[0]}: error: "), err
+    assert all(n in err for n in needles), err
+    assert not out.exists()
+    return err
+
+
+def register_argv(run: Path, fixed: Path, moving: Path, out: Path, *extra: str) -> list[str]:
+    return ["register", "--fixed", str(fixed), "--moving", str(moving), "--checkpoint", str(run), "--out", str(out),
+            *extra]
+
+
+def task_files(run: Path) -> tuple[list[Path], list[Path]]:
+    task = run.parent / "Task"
+    return sorted((task / "imagesTr").glob("*.nii.gz")), sorted((task / "labelsTr").glob("*.nii.gz"))
+
+
+def test_register_refuses_a_single_slice_image(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    images, _ = task_files(run)
+    flat = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 1), np.float32), np.diag([1.5, 1.5, 1.5, 1.0])), str(flat))
+    out = tmp_path / "out"
+    for fixed, moving in ((flat, images[1]), (images[0], flat)):
+        refused(capsys, register_argv(run, fixed, moving, out), out, f"{flat}: expected a 3D image with at least 2 "
+                "voxels along every axis, got shape (16, 16, 1)")
+
+
+def test_register_refuses_an_empty_moving_label_map(run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    images, labels = task_files(run)
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.uint8), nib.load(labels[1]).affine), str(empty))
+    out = tmp_path / "out"
+    refused(capsys, register_argv(run, images[0], images[1], out, "--moving-labels", str(empty)), out,
+            f"{empty}: label map has no foreground labels")
+
+
+def test_register_refuses_a_label_map_off_its_image(run: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    images, labels = task_files(run)
+    far, moved = tmp_path / "far.nii.gz", tmp_path / "moved.nii.gz"
+    label = nib.load(labels[1])
+    for path, shift in ((far, 100.0), (moved, 6.0)):  # 100 mm: outside the 24 mm image; 6 mm: partly inside
+        affine = label.affine.copy()
+        affine[:3, 3] += shift
+        nib.save(nib.Nifti1Image(np.asarray(label.dataobj), affine), str(path))
+    out = tmp_path / "out"
+    refused(capsys, register_argv(run, images[0], images[1], out, "--moving-labels", str(far)), out,
+            f"{far}: label map does not overlap its image {images[1]}")
+    assert main(register_argv(run, images[0], images[1], out, "--moving-labels", str(moved))) == 0  # overlaps
+
+
+@pytest.mark.parametrize("source", ["dicom", "flag"])
+def test_register_refuses_two_modalities_with_a_mono_modal_run(run: Path, tmp_path: Path, source: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from dicom_factory import ramp, write_series
+
+    if source == "dicom":  # each series' own Modality tag
+        fixed, moving = tmp_path / "ct", tmp_path / "mr"
+        write_series(fixed, ramp(16, 16, 8), modality="CT")
+        write_series(moving, ramp(16, 16, 8, seed=1), modality="MR", prefix="2")
+        extra, names = (), ("CT", "MR")
+    else:  # NIfTI files say nothing; --modality once per image does
+        fixed, moving = task_files(run)[0][:2]
+        extra, names = ("--modality", "CT", "--modality", "MRI"), ("CT", "MRI")
+    out = tmp_path / "out"
+    refused(capsys, register_argv(run, fixed, moving, out, *extra), out,
+            f"{fixed} is {names[0]} but {moving} is {names[1]}", "mono-modal similarity (lncc)",
+            "registration.similarity: mi")
+
+
+def test_register_accepts_an_unknown_or_matching_modality(run: Path, tmp_path: Path) -> None:
+    from dicom_factory import ramp, write_series
+
+    images, _ = task_files(run)
+    ct = tmp_path / "ct"
+    write_series(ct, ramp(16, 16, 8), modality="CT")
+    # a NIfTI file (no modality) against a CT series: nothing to compare, so nothing is guessed
+    assert main(register_argv(run, ct, images[1], tmp_path / "a")) == 0
+    assert main(register_argv(run, images[0], images[1], tmp_path / "b", "--modality", "MR", "--modality",
+                              "T2")) == 0  # DICOM's family name MR covers the contrast T2
+
+
+def test_modality_names_compare_by_what_they_say() -> None:
+    from pipeline.registration.register import check_modalities, modalities_differ
+
+    assert not modalities_differ("MRI", "mr") and not modalities_differ("MR", "FLAIR")
+    assert modalities_differ("CT", "MR") and modalities_differ("T2", "ADC") and modalities_differ("CT", "T1")
+    check_modalities("mi", (Path("f"), Path("m")), ("CT", "MR"))  # mutual information: multi-modal, accepted
+    check_modalities("lncc", (Path("f"), Path("m")), ("CT", None))  # unknown side: accepted
+    with pytest.raises(FewscanError, match="f is CT but m is MR"):
+        check_modalities("lncc", (Path("f"), Path("m")), ("CT", "MR"))
+
+
+def test_register_names_the_fixed_image_when_the_network_grid_differs(run: Path) -> None:
+    from pipeline.common.config import RegistrationConfig
+    from pipeline.registration.network import RegistrationNet
+
+    cfg, _, state = load_checkpoint(run)
+    fixed_path, moving_path = task_files(run)[0][:2]
+    other = RegistrationNet(RegistrationConfig(features=4, levels=2, prealign="none"), (8, 8, 8))
+    with pytest.raises(InputError, match=r"synth_000.nii.gz: prepared, it is \[16, 16, 16\] voxels but the network "
+                                         r"was trained on \[8, 8, 8\]"):
+        predict_transform(cfg, other, load_nifti(fixed_path), load_nifti(moving_path), state["modality"],
+                          fixed_path=fixed_path)
