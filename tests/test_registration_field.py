@@ -99,3 +99,26 @@ def test_written_field_applied_by_simpleitk_matches_fewscan_warp(tmp_path: Path)
     np.testing.assert_allclose(by_sitk[inner], ours[inner], atol=1e-4)
     # and a SimpleITK transform sampled back into a DDF is the same field
     np.testing.assert_allclose(transform_to_ddf(transform, fixed), ddf, atol=1e-4)
+
+
+def test_scaling_and_squaring_keeps_a_large_deformation_invertible() -> None:
+    """The integration `registration.diffeomorphic` uses (MONAI's DVF2DDF, as `RegistrationNet` does): a smooth
+    stationary velocity field large enough to fold when used directly as a displacement gives, integrated, a
+    field with det J > 0 at every interior voxel."""
+    import torch
+    from monai.networks.blocks import DVF2DDF
+
+    from pipeline.common.config import RegistrationConfig
+
+    n, amplitude = 24, 6.0  # voxels: compression of up to 6 * 2 pi / 23 = 1.6 > 1 folds the direct displacement
+    i, j, k = (np.pi * a / (n - 1) for a in np.meshgrid(*(np.arange(n, dtype=float),) * 3, indexing="ij"))
+    velocity = amplitude * np.stack([np.sin(2 * i) * np.sin(j) * np.sin(k), np.sin(i) * np.sin(2 * j) * np.sin(k),
+                                     np.sin(i) * np.sin(j) * np.sin(2 * k)]).astype(np.float32)
+    interior = (slice(1, -1),) * 3  # central differences are one-sided on the border faces
+    direct = jacobian_determinant(velocity)[interior]
+    assert direct.min() < 0 and folding_ratio(direct) > 0.01
+    steps = RegistrationConfig().integration_steps
+    ddf = DVF2DDF(num_steps=steps)(torch.from_numpy(velocity)[None])[0].numpy()
+    assert np.abs(ddf).max() > 5.0  # still a large deformation
+    integrated = jacobian_determinant(ddf)[interior]
+    assert integrated.min() > 0, integrated.min()

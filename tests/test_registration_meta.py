@@ -12,6 +12,7 @@ from pipeline.registration.network import (
     Losses,
     RegistrationNet,
     optimiser,
+    predict,
     reptile_step,
     train_steps,
 )
@@ -56,3 +57,29 @@ def test_globalnet_gets_a_smaller_learning_rate() -> None:
     assert [g["lr"] for g in groups] == [1e-3, 1e-3 * GLOBALNET_LR_SCALE]
     n_global = sum(1 for n, _ in net.named_parameters() if n.startswith("globalnet."))
     assert len(groups[1]["params"]) == n_global > 0
+
+
+def test_diffeomorphic_network_does_not_fold_a_field_its_plain_output_folds() -> None:
+    """The same weights, with an output layer scaled up to a ~4-voxel field: the plain network's field folds, the
+    diffeomorphic one (its output integrated as a velocity field) has det J > 0 at every interior voxel."""
+    import numpy as np
+    from scipy import ndimage
+
+    from pipeline.registration.deformation import folding_ratio, jacobian_determinant
+
+    rng = np.random.default_rng(0)
+    moving, fixed = (torch.from_numpy(ndimage.gaussian_filter(rng.normal(size=(16, 16, 16)), 2.0)
+                                      .astype(np.float32))[None, None] for _ in range(2))
+    dets = {}
+    for diffeomorphic in (False, True):
+        rcfg = RegistrationConfig(features=4, levels=2, prealign="none", diffeomorphic=diffeomorphic)
+        torch.manual_seed(0)
+        net = RegistrationNet(rcfg, (16, 16, 16))
+        head = [m for m in net.local.modules() if isinstance(m, torch.nn.Conv3d)][-1]  # zero-initialised
+        with torch.no_grad():
+            head.weight.copy_(3.0 * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1)))
+        ddf = predict(net, moving, fixed)[0].numpy()
+        assert np.abs(ddf).max() > 3.0
+        dets[diffeomorphic] = jacobian_determinant(ddf)[1:-1, 1:-1, 1:-1]
+    assert folding_ratio(dets[False]) > 0.01
+    assert dets[True].min() > 0, dets[True].min()
