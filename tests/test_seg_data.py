@@ -81,9 +81,9 @@ def test_run_config_records_the_transforms_used_and_evaluation_never_augments(tm
     percentiles 0.5/99.5, no resampling); views are augmented in training only, the same for the same seed."""
     import pipeline.segmentation.data as data
     import pipeline.segmentation.episodes as episodes
+    from datasets.synth_decathlon import write_synthetic_organs
     from pipeline.common.run import load_run_config
     from pipeline.segmentation.evaluate import evaluate
-    from datasets.synth_decathlon import write_synthetic_organs
     from pipeline.segmentation.train import train
 
     used, augmented = [], []
