@@ -215,7 +215,7 @@ def _mni_pair() -> dict:
 
 def _prepared(vol, lab, modality: str, size):
     from pipeline.common.config import validate
-    from pipeline.registration.evaluate import preprocess
+    from pipeline.registration.episodes import preprocess
 
     kind = "ct" if modality == "CT" else "mr"
     cfg = validate({"task": "registration", "transforms": {"preset": kind, "ct_window": "soft_tissue",
