@@ -278,9 +278,64 @@ def real(args: argparse.Namespace) -> None:
                   f"{m['hd95']:.1f} | {m['folding'] * 100:.2f} | {m['log_jac_std']:.3f} | {sec:.2f} |")
 
 
+# --- chaos: real inter-subject MR ---------------------------------------------------------------------------------
+CHAOS_SETS = ["transforms.spacing=[4.0, 4.0, 7.7]", "transforms.volume_size=[80, 80, 48]",
+              "registration.test_patients=0.5", "registration.adapt_patients=2"]
+
+
+def chaos(args: argparse.Namespace) -> None:
+    """chaos_t2_mr (20 real abdominal MR T2 subjects): the ready config on 4 mm in-plane grids, 10 training and 10
+    held-out patients (2 adapt, 8 evaluate: up to 56 ordered inter-subject pairs), every baseline on the same pairs,
+    then the same trained run with `instance_steps` per pair; paired differences against affine + demons."""
+    from pipeline.common.config import load_config
+    from pipeline.common.metrics import paired_differences
+    from pipeline.registration.episodes import PairData
+    from pipeline.registration.evaluate import _block, _sitk_rows, evaluate, summary_table
+    from pipeline.registration.train import train
+
+    root = DATA / "chaos_t2_mr"
+    if not (root / "dataset.json").is_file():
+        print(f"chaos_t2_mr not found at {root}")
+        return
+    work = Path(args.work)
+    sets = [f"data.root={root}", *CHAOS_SETS, f"train.iterations={args.iterations}",
+            f"registration.eval_pairs={args.eval_pairs}", "train.log_every=10", *args.set]
+    print(f"({load_line()})", flush=True)
+    run = work / "chaos_run"
+    t = time.perf_counter()
+    if not (run / "model.safetensors").is_file():
+        train(load_config(REPO / "configs" / "register_decathlon.yaml", sets), run)
+    print(f"train {time.perf_counter() - t:.0f} s", flush=True)
+    full = [f"registration.instance_steps={args.chaos_instance[0]}", f"registration.instance_lr={args.instance_lr}"]
+    reports = {args.chaos_instance[0]: evaluate(run, overrides=full)}  # with every SimpleITK baseline
+    print(summary_table(reports[args.chaos_instance[0]]), flush=True)
+    for steps in args.chaos_instance[1:]:  # the network alone, or other step counts: no baselines again
+        reports[steps] = evaluate(run, overrides=[f"registration.instance_steps={steps}", "registration.baseline=none",
+                                                  "registration.baseline_affine=false",
+                                                  f"registration.instance_lr={args.instance_lr}"])
+        print(summary_table(reports[steps]), flush=True)
+    base = reports[args.chaos_instance[0]]
+    if args.bspline:
+        cfg = load_config(run / "config.yaml")
+        pairs = json.loads((run / "pairs.json").read_text())["eval"]
+        block = _block(_sitk_rows(PairData(cfg, pairs), "affine+bspline"))
+        base["baseline_bspline"] = block
+        print(f"SimpleITK affine+bspline: Dice {block['metrics']['dice']['mean']:.3f}, "
+              f"{block['metrics']['seconds']['mean']:.2f} s/pair", flush=True)
+    demons = base["baseline_sitk"]["per_pair"]["dice"]
+    for steps, rep in reports.items():
+        for key in ("meta_init", None):
+            block = rep[key] if key else rep
+            diff = paired_differences(block["per_pair"]["dice"], {"demons": demons})["demons"]
+            print(f"instance_steps {steps} {key or 'adapted'}: fewscan {block['metrics']['dice']['mean']:.3f}, "
+                  f"folding {block['metrics']['folding']['mean'] * 100:.3f}%, "
+                  f"{block['metrics']['seconds']['mean']:.2f} s/pair; minus demons {diff}", flush=True)
+    (work / "chaos.json").write_text(json.dumps({str(k): v for k, v in reports.items()}, indent=2, default=str))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["schedule", "memory", "memory-one", "real"])
+    parser.add_argument("what", choices=["schedule", "memory", "memory-one", "real", "chaos"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="/tmp/fewscan_bench_registration")
@@ -290,13 +345,17 @@ def main() -> None:
     parser.add_argument("--extrapolate-cases", type=int, default=300)
     parser.add_argument("--instance-steps", type=int, default=50)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--chaos-instance", type=int, nargs="*", default=[100, 0],
+                        help="chaos: instance steps to try, the first with the SimpleITK baselines")
+    parser.add_argument("--instance-lr", type=float, default=0.2)
+    parser.add_argument("--bspline", action="store_true", help="chaos: add SimpleITK affine + B-spline (slow)")
     parser.add_argument("--only", default=None, help="real: only pairs whose name contains this text (e.g. MNI152)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "memory-one":
         memory_one(int(args.rest[0]), args.rest[1])
     else:
-        {"schedule": schedule, "memory": memory, "real": real}[args.what](args)
+        {"schedule": schedule, "memory": memory, "real": real, "chaos": chaos}[args.what](args)
 
 
 if __name__ == "__main__":

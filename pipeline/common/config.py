@@ -193,8 +193,8 @@ class RegistrationConfig:
     meta_lr: float = Field(default=0.5, gt=0, le=1)  # Reptile outer step towards the adapted weights
     adapt_steps: int = Field(default=20, ge=0)  # test time: steps on the new task's adaptation pairs
     adapt_lr: float = Field(default=1e-4, gt=0)
-    instance_steps: int = Field(default=0, ge=0)  # test time: unsupervised steps on each evaluated pair
-    instance_lr: float = Field(default=1e-4, gt=0)
+    instance_steps: int = Field(default=0, ge=0)  # test time: Adam steps on each pair's own field (no labels)
+    instance_lr: float = Field(default=0.2, gt=0)  # voxels of the half-resolution residual field per step
     baseline: Literal["affine+demons", "affine+bspline", "none"] = "affine+demons"  # SimpleITK, same pairs
     baseline_affine: bool = True  # also report SimpleITK affine alone
 

@@ -28,6 +28,7 @@ from pipeline.registration.network import (
     Losses,
     adapted,
     predict,
+    refine,
 )
 from pipeline.registration.train import build_net, n_labels
 
@@ -76,10 +77,8 @@ def _network_rows(model: torch.nn.Module, data: PairData, losses: Losses, instan
         mv, fv, ml, fl = data.volumes(i)
         start = time.perf_counter()
         batch = data.batch([i])
-        net = model
-        if instance_steps:  # unsupervised: the evaluated pair's labels are never used
-            net = adapted(model, losses, lambda b=batch: b, instance_steps, instance_lr, labels=False)
-        ddf = predict(net, batch[0], batch[1])[0].numpy()
+        ddf = refine(predict(model, batch[0], batch[1]), batch[0], batch[1], losses, instance_steps,
+                     instance_lr)[0].numpy()  # unsupervised: the evaluated pair's labels are never used
         seconds = time.perf_counter() - start + data.aligned.get(i, (None, None, 0.0))[2]
         warped = warp_array(ml.array, ddf, nearest=True)
         rows.append({**pair_metrics(warped, fl.array, ddf, fv.spacing, pair["structures"]), "seconds": seconds})

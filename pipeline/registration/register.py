@@ -17,8 +17,10 @@ from pipeline.common.report import write_json
 from pipeline.common.run import load_run_config, load_weights
 from pipeline.registration.episodes import NO_FOREGROUND, labels_on_image, preprocess
 from pipeline.registration.network import (
+    Losses,
     RegistrationNet,
     predict,
+    refine,
 )
 from pipeline.registration.train import build_net
 
@@ -73,7 +75,10 @@ def predict_transform(cfg: Config, model: RegistrationNet, fixed: Volume, moving
     affine = register_sitk(grid, moving_p, "affine", seed=cfg.seed)[1] if cfg.registration.prealign == "sitk" else None
     on_grid = resample_to(moving_p, grid, transform=affine)
     to_tensor = lambda v: torch.from_numpy(np.asarray(v.array, np.float32))[None, None]  # noqa: E731
-    ddf = predict(model, to_tensor(on_grid), to_tensor(grid))[0].numpy()
+    moving_t, fixed_t = to_tensor(on_grid), to_tensor(grid)
+    rcfg = cfg.registration  # instance optimisation of this pair's field, as `evaluate` scores it
+    ddf = refine(predict(model, moving_t, fixed_t), moving_t, fixed_t, Losses(rcfg, 1), rcfg.instance_steps,
+                 rcfg.instance_lr)[0].numpy()
     field = sitk.DisplacementFieldTransform(ddf_to_itk(ddf, grid))
     return ddf, grid, on_grid, field if affine is None else sitk.CompositeTransform([affine, field])
 
