@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +30,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "train": {"iterations": 2, "lr": 0.003},
                     "registration": {"test_patients": 0.4, "adapt_patients": 0, "train_pairs": 4,
                                      "pairs_per_task": 2, "eval_pairs": 1, "features": 4, "levels": 2,
-                                     "inner_steps": 2, "meta_lr": 1.0, "prealign": "none"}})
+                                     "inner_steps": 2, "meta_lr": 1.0, "prealign": "none",
+                                     "instance_steps": 10}})  # register refines each pair's field
     return train(cfg, base / "run")
 
 
@@ -50,6 +52,9 @@ def test_register_writes_an_itk_field_that_simpleitk_applies_like_fewscan(run: P
     ddf, grid, _, _ = predict_transform(cfg, model, fixed, moving, state["modality"])
     np.testing.assert_allclose(grid.affine, fixed.affine)
     assert np.abs(ddf).max() > 0.05  # a non-trivial field, or this test would prove nothing
+    no_refine = replace(cfg, registration=replace(cfg.registration, instance_steps=0))
+    network_only, _, _, _ = predict_transform(no_refine, model, fixed, moving, state["modality"])
+    assert np.abs(ddf - network_only).max() > 0.01  # the written field is the instance-optimised one
     ours = warp_array(moving.array, ddf)
     # SimpleITK applying the written file to the original moving image
     field = read_displacement_field(out / "displacement.nii.gz")
