@@ -3,12 +3,17 @@
     .venv/bin/python benchmarks/bench_segmentation.py schedule [--cases 300]  # ready config's default schedule
     .venv/bin/python benchmarks/bench_segmentation.py real [--iterations 300]  # TotalSegmentator example organs
     .venv/bin/python benchmarks/bench_segmentation.py speed                    # 3D: query time vs atlas, memory
+    .venv/bin/python benchmarks/bench_segmentation.py chaos [--run DIR]         # chaos_t2_mr: propagation vs atlas
 
 `schedule` generates a Decathlon folder of small synthetic MR-like crops (40x50x40, three labelled organs) and
 runs `configs/segment_decathlon_ssl.yaml` unchanged except `data.root`: train + evaluate at K=1, then the same
 weights evaluated at K=5. `real` turns `shared/data/totalsegmentator_example` (2 CT subjects, 1 MR subject) into
 a temporary Decathlon folder (3 mm grid, intensities harmonised to [0, 1], one label table) and evaluates
-held-out liver, spleen and kidneys (SSL-ALPNet Setting 1 and 2). The machine load is recorded with each result.
+held-out liver, spleen and kidneys (SSL-ALPNet Setting 1 and 2). `chaos` trains `configs/segment_propagate.yaml`
+on `shared/data/chaos_t2_mr` (20 real MR subjects; on a 4 x 4 x 7.7 mm grid, the only other change), then scores
+learned label propagation, its untrained network and the SimpleITK atlas on the same fixed 1-shot episodes (10 per
+organ, query and support from the 10 held-out patients), then K=5 on the same weights, with paired differences.
+The machine load is recorded with each result.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from pipeline.segmentation.evaluate import evaluate, summary_table  # noqa: E402
 from pipeline.segmentation.train import train  # noqa: E402
 
 CONFIG = REPO / "configs" / "segment_decathlon_ssl.yaml"
+PROPAGATE = REPO / "configs" / "segment_propagate.yaml"
+CHAOS_SETS = ["transforms.spacing=[4.0, 4.0, 7.7]"]  # the native 7.7 mm slices kept: 80 x 80 x <= 48 voxels
 HELD_OUT = ["liver", "spleen", "kidney_left", "kidney_right"]
 
 
@@ -179,6 +186,42 @@ def bench_real(work: Path, data_root: Path, iterations: int, only: list[str] | N
     return results
 
 
+def paired_text(reports: dict[str, dict]) -> str:
+    """One line per (run, comparison): the method minus each other block, Dice mean [95% CI] over episodes."""
+    return "\n".join(f"{run}: {rep['method']} minus {other.removeprefix('baseline_')}: "
+                     f"{d['dice']['mean']:+.3f} [{d['dice']['ci95'][0]:+.3f}, {d['dice']['ci95'][1]:+.3f}]"
+                     for run, rep in reports.items() for other, d in rep["paired"].items())
+
+
+def bench_chaos(work: Path, data_root: Path, iterations: int, run: Path | None, k5_episodes: int,
+                steps: list[int]) -> dict:
+    """Train (unless `run` holds a trained run) and evaluate learned label propagation on chaos_t2_mr."""
+    cfg = load_config(PROPAGATE, [f"data.root={data_root / 'chaos_t2_mr'}", *CHAOS_SETS,
+                                  f"train.iterations={iterations}"])
+    run = run or work / "chaos_propagate"
+    result: dict = {"load_start": load(), "run": str(run)}
+    if not (run / "model.safetensors").is_file():
+        if run.exists():
+            shutil.rmtree(run)
+        _, result["train"] = timed(train, cfg, run)
+    reports = {}
+    reports["K=1"], result["evaluate_k1"] = timed(evaluate, run)
+    print(table({"K=1": reports["K=1"]}), "\n" + paired_text({"K=1": reports["K=1"]}), flush=True)
+    for n in steps:  # other instance-optimisation step counts on the same weights and episodes
+        key = f"K=1 instance_steps={n}"
+        reports[key], result[f"evaluate_{key}"] = timed(evaluate, run, None, None,
+                                                        [f"registration.instance_steps={n}"])
+        print(table({key: reports[key]}), flush=True)
+    if k5_episodes:
+        key = "K=5"
+        reports[key], result["evaluate_k5"] = timed(evaluate, run, None, None,
+                                                    ["shots=5", f"episodes.eval_episodes={k5_episodes}"])
+        print(table({key: reports[key]}), "\n" + paired_text({key: reports[key]}), flush=True)
+    result.update(load_end=load(), reports=reports)
+    print(table(reports), "\n" + paired_text(reports))
+    return result
+
+
 # --- speed / memory -----------------------------------------------------------------------------------
 def bench_speed(work: Path) -> dict:
     """3D mode on the synthetic crops: seconds per query (proto vs atlas) and peak RSS of 3D meta-training."""
@@ -212,10 +255,13 @@ def bench_speed(work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["schedule", "real", "speed"])
+    ap.add_argument("part", choices=["schedule", "real", "speed", "chaos"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/fewscan_bench_seg"))
     ap.add_argument("--cases", type=int, default=300)
-    ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--iterations", type=int, default=300, help="real: 300; chaos: the config's 400 unless set")
+    ap.add_argument("--run", type=Path, default=None, help="chaos: evaluate this trained run instead of training")
+    ap.add_argument("--k5-episodes", type=int, default=5, help="chaos: K=5 episodes per organ (0: skip K=5)")
+    ap.add_argument("--steps", type=int, nargs="*", default=[0], help="chaos: more instance step counts to score")
     ap.add_argument("--only", nargs="*", default=None, help="real: run only these configurations")
     ap.add_argument("--no-k2", action="store_true", help="real: skip the K=2 re-evaluation")
     ap.add_argument("--no-baselines", action="store_true", help="real: skip fine-tuning and atlas (slow)")
@@ -226,6 +272,9 @@ def main() -> None:
         result = bench_schedule(args.work, args.cases)
     elif args.part == "real":
         result = bench_real(args.work, args.data, args.iterations, args.only, not args.no_k2, not args.no_baselines)
+    elif args.part == "chaos":
+        iterations = args.iterations if "--iterations" in sys.argv else load_config(PROPAGATE).train.iterations
+        result = bench_chaos(args.work, args.data, iterations, args.run, args.k5_episodes, args.steps)
     else:
         result = bench_speed(args.work)
     suffix = "_" + "_".join(args.only) if args.only else ""

@@ -36,8 +36,10 @@ def test_progress_bars_redraw_rarely_in_logs(monkeypatch) -> None:
 # --- import direction: datasets <- transforms <- pipeline.common <- pipeline.nn <- task kinds <- __main__ ---------
 PACKAGES = ("datasets", "transforms", "pipeline")
 KINDS = ("classification", "segmentation", "registration")
-# The one import across task kinds: segmentation's atlas baseline registers with registration's classical path.
-ALLOWED_ACROSS = {("segmentation", "pipeline.registration.classical")}
+# The imports across task kinds, all segmentation building on registration: the atlas baseline registers with the
+# classical path, learned label propagation with the registration network (its losses, warping and Reptile tasks).
+ALLOWED_ACROSS = {("segmentation", f"pipeline.registration.{m}") for m in ("classical", "network", "deformation",
+                                                                           "episodes")}
 
 
 def _modules() -> dict[str, Path]:

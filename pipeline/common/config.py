@@ -135,7 +135,9 @@ class SegmentationConfig:
 
     mode: Literal["2d", "3d"] = "2d"  # 2d: axial slices, SSL-ALPNet protocol; 3d: volumes / crops
     supervision: Literal["self", "labels"] = "self"  # self: supervoxel pseudo-structures; labels: training organs
-    method: Literal["proto", "maml"] = "proto"
+    # propagate: register each support to the query (the `registration` section's network, trained on images only)
+    method: Literal["proto", "maml", "propagate"] = "proto"
+    fusion: Literal["local", "mean"] = "local"  # propagate, K > 1: locally weighted voting, or the plain mean
     held_out: list[str] = Field(default_factory=list)  # evaluated, never trained on; empty: every labelled one
     test_patients: float = Field(default=0.3, ge=0, lt=1)  # share of patients kept out of training (0: none)
     setting: Literal[1, 2] = 1  # 2: training slices/crops that contain a held-out structure are dropped
@@ -275,7 +277,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 _EPISODE_KEYS = ("episodes.shots", "episodes.queries", "episodes.eval_episodes", "seed")  # segmentation has no ways
 EVAL_KEYS: dict[str, tuple[str, ...]] = {
     "classification": (*_EPISODE_KEYS, "episodes.ways"),
-    "segmentation": _EPISODE_KEYS,
+    "segmentation": (*_EPISODE_KEYS, "segmentation.fusion", "registration.instance_steps",  # propagate
+                     "registration.instance_lr"),
     "registration": ("registration.instance_steps", "registration.instance_lr", "registration.adapt_steps",
                      "registration.adapt_lr"),
 }

@@ -34,7 +34,6 @@ from pipeline.registration.train import build_net, n_labels
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=".*To copy construct from a tensor.*")
-warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")  # MONAI deform.py
 
 
 # --- evaluation ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ like the weights, so the meta-initialisation carries statistics that match it.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -31,6 +32,8 @@ from pipeline.registration.deformation import warp
 from pipeline.registration.episodes import Batch
 
 GLOBALNET_LR_SCALE = 0.01
+# MONAI's BendingEnergyLoss indexes with lists (monai/losses/deform.py); torch warns on every call
+warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
 
 
 def _deformable(rcfg: RegistrationConfig) -> nn.Module:

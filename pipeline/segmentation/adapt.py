@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from datasets.volume import InputError, Volume, atomic_path
+from pipeline.common.config import Config
 from pipeline.common.report import write_json
 from pipeline.common.run import load_run_config, load_weights
 from pipeline.segmentation.evaluate import axial_slices, foreground_slices, run_learned
@@ -69,7 +71,9 @@ def _structure_mask(label: Volume, structure: str | None, where: Path) -> np.nda
 def adapt(run_dir: Path, support: Path, out: Path, structure: str | None = None) -> dict[str, Any]:
     """Fit a trained segmentation run to one structure from K labelled scans; writes the ADAPTED folder.
 
-    Proto: the support prototypes (`prototypes.safetensors`); MAML: the adapted weights (`fast.safetensors`).
+    Proto: the support prototypes (`prototypes.safetensors`); MAML: the adapted weights (`fast.safetensors`);
+    propagate: the prepared support scans and masks (`supports.safetensors`), registered to each query by
+    `predict`, and the network's grid (`volume_size` in `adapted.json`).
     """
 
 
@@ -81,8 +85,8 @@ def adapt(run_dir: Path, support: Path, out: Path, structure: str | None = None)
     run_dir, out = Path(run_dir), Path(out)
     cfg = load_run_config(run_dir)
     scfg = cfg.segmentation
-    images, masks = [], []
-    for image_path, label_path in read_seg_support(support):
+    images, masks, volumes = [], [], {}
+    for n, (image_path, label_path) in enumerate(read_seg_support(support)):
         image = _load_image(image_path)
         label = load_labels(label_path, reference=image_path, image=image, mismatch="resample")
         mask = Volume(_structure_mask(label, structure, label_path).astype(np.uint8), label.affine)
@@ -90,18 +94,24 @@ def adapt(run_dir: Path, support: Path, out: Path, structure: str | None = None)
         if not case.label.any():
             raise InputError(label_path, f"structure {structure or '(any)'} is empty in this support scan")
         m = case.label > 0
+        volumes.update({f"image_{n}": torch.from_numpy(case.image), f"mask_{n}": torch.from_numpy(m)})
         if scfg.mode == "2d":
             images.append(axial_slices(case.image, foreground_slices(m)))
             masks.append(axial_slices(m.astype(np.float32), foreground_slices(m)))
         else:
             images.append(torch.from_numpy(case.image)[None, None])
             masks.append(torch.from_numpy(m.astype(np.float32))[None, None])
-    model = load_weights(build_model(cfg), run_dir / "model.safetensors").eval()
-    if scfg.method == "proto":
+    extra: dict[str, Any] = {}
+    if scfg.method == "propagate":  # the supports themselves: each query is registered to them at predict time
+        state, name = volumes, "supports.safetensors"
+        extra["volume_size"] = json.loads((run_dir / "state.json").read_text())["volume_size"]
+    elif scfg.method == "proto":
+        model = load_weights(build_model(cfg), run_dir / "model.safetensors").eval()
         with torch.no_grad():
             bg, fg = support_prototypes(model, images, masks, tuple(scfg.crop) if scfg.mode == "3d" else None)
         state, name = {"bg": bg, "fg": fg}, "prototypes.safetensors"
     else:
+        model = load_weights(build_model(cfg), run_dir / "model.safetensors").eval()
         state, name = adapt_maml(model, scfg, images, masks, cfg.seed), "fast.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
@@ -110,7 +120,7 @@ def adapt(run_dir: Path, support: Path, out: Path, structure: str | None = None)
     with atomic_path(out / name) as tmp:
         save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
     summary = {"task": "segmentation", "method": scfg.method, "mode": scfg.mode, "structure": structure or "mask",
-               "shots": len(images)}
+               "shots": len(images), **extra}
     write_json(summary, out / "adapted.json")
     return summary
 
@@ -131,19 +141,23 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
     info = json.loads((adapted / "adapted.json").read_text())
     cfg = load_run_config(adapted)
     scfg = cfg.segmentation
-    model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
     roi = tuple(scfg.crop) if scfg.mode == "3d" else None
-    if scfg.method == "proto":
+    if scfg.method == "propagate":
+        predictor = _propagator(cfg, adapted, info)
+    elif scfg.method == "proto":
+        model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
         state = load_file(str(adapted / "prototypes.safetensors"))
         predictor = proto_predictor(model, state["bg"], state["fg"], roi)
     else:
+        model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
         predictor = maml_predictor(model, scfg, load_file(str(adapted / "fast.safetensors")))
     results = []
     for i, path in enumerate(inputs):
         path = Path(path)
         image = _load_image(path)
         case = make_case(f"input{i}", image, None, {}, cfg.transforms, str(path))
-        mask = run_learned(lambda xs, ms: predictor, scfg.mode, [], case.image, None, 1, True)
+        mask = (predictor(case.image) if scfg.method == "propagate" else
+                run_learned(lambda xs, ms: predictor, scfg.mode, [], case.image, None, 1, True))
         is_nifti = path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
         source = nib.load(str(path)) if is_nifti else image.to_nifti()
         nifti = out / f"pred_{i:02d}.nii.gz"
@@ -157,3 +171,14 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
             write_dicom_seg(mask, case.affine, list(datasets.values()), info["structure"], Path(row["dicom_seg"]))
         results.append(row)
     return results
+
+
+def _propagator(cfg: Config, adapted: Path, info: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """`query image (I, J, K) -> bool mask`: the adapted folder's supports propagated onto the query."""
+    from pipeline.segmentation.propagate import build_net, propagate
+
+    grid = tuple(int(v) for v in info["volume_size"])
+    net = load_weights(build_net(cfg, grid), adapted / "model.safetensors").eval()
+    stored = load_file(str(adapted / "supports.safetensors"))
+    supports = [(stored[f"image_{n}"].numpy(), stored[f"mask_{n}"].numpy()) for n in range(info["shots"])]
+    return lambda image: propagate(net, cfg.registration, supports, image, grid, cfg.segmentation.fusion == "local")

@@ -104,7 +104,10 @@ def method_runners(cfg: Config, run_dir: Path) -> dict[str, Callable[..., np.nda
     scfg = cfg.segmentation
     roi = tuple(scfg.crop) if scfg.mode == "3d" else None
     runners: dict[str, Callable[..., np.ndarray]] = {}
-    for name, weights in ((scfg.method, "model.safetensors"), ("untrained", "untrained.safetensors")):
+    if scfg.method == "propagate":
+        runners.update(propagation_runners(cfg, run_dir))
+    for name, weights in (() if scfg.method == "propagate" else
+                          ((scfg.method, "model.safetensors"), ("untrained", "untrained.safetensors"))):
         model = load_weights(build_model(cfg), run_dir / weights).eval()
         if scfg.method == "proto":
             fit = (lambda m: lambda xs, ms: fit_proto(m, xs, ms, roi))(model)
@@ -114,7 +117,7 @@ def method_runners(cfg: Config, run_dir: Path) -> dict[str, Callable[..., np.nda
             fit = (lambda m: lambda xs, ms: fit_maml(m, scfg, xs, ms, cfg.seed))(model)
             runners[name] = (lambda f: lambda sup, q, s, z: run_learned(f, scfg.mode, sup, q.image, z, 1,
                                                                         False))(fit)
-    if "finetune" in scfg.baselines:
+    if "finetune" in scfg.baselines and scfg.method != "propagate":  # no segmentation network to fine-tune
         trained = load_weights(build_model(cfg), run_dir / "model.safetensors")
         if scfg.method == "proto":
             backbone, div, head = trained.backbone, trained.divisor, True
@@ -130,14 +133,37 @@ def method_runners(cfg: Config, run_dir: Path) -> dict[str, Callable[..., np.nda
             vols = [(Volume(img, aff), Volume(msk.astype(np.uint8), aff)) for (img, msk), aff in
                     zip(sup, affines or [q.affine] * len(sup), strict=True)]
             mask, _ = atlas_segment(vols, Volume(q.image, q.affine), seed=cfg.seed)
-            if z is not None:  # same slice-range protocol as the 2D learned methods
-                keep = np.zeros(mask.shape[2], bool)
-                keep[z[0]:z[1] + 1] = True
-                mask &= keep[None, None, :]
-            return mask
+            return _in_range(mask, z)  # same slice-range protocol as the 2D learned methods
 
         runners["atlas"] = atlas
     return runners
+
+
+def propagation_runners(cfg: Config, run_dir: Path) -> dict[str, Callable[..., np.ndarray]]:
+    """`propagate` (the trained registration network) and `untrained` (its initial weights; with instance steps,
+    what optimising each pair's field alone achieves), both under the same slice-range protocol as the atlas."""
+    from pipeline.segmentation.propagate import load_net, propagate
+
+    runners: dict[str, Callable[..., np.ndarray]] = {}
+    for name, weights in (("propagate", "model.safetensors"), ("untrained", "untrained.safetensors")):
+        net, grid = load_net(cfg, run_dir, weights)
+
+        def run(sup: list[tuple[np.ndarray, np.ndarray]], q: Case, s: str, z: tuple[int, int] | None,
+                net: torch.nn.Module = net, grid: tuple[int, ...] = grid) -> np.ndarray:
+            return _in_range(propagate(net, cfg.registration, sup, q.image, grid, cfg.segmentation.fusion == "local"),
+                             z)
+
+        runners[name] = run
+    return runners
+
+
+def _in_range(mask: np.ndarray, z: tuple[int, int] | None) -> np.ndarray:
+    """`mask` with the axial slices outside `z` (first, last) cleared; as it is when `z` is None."""
+    if z is not None:
+        keep = np.zeros(mask.shape[2], bool)
+        keep[z[0]:z[1] + 1] = True
+        mask = mask & keep[None, None, :]
+    return mask
 
 
 # --- the episodes --------------------------------------------------------------------------------------

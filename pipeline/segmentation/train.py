@@ -38,8 +38,9 @@ def build_model(cfg: Config) -> nn.Module:
         cfg.segmentation)
 
 
-def training_split(cfg: Config, run_dir: Path, main: bool = True) -> tuple[dict[str, list[str]], list[Case]]:
-    """The structures episodes train on and the training cases; rank 0 writes `split.json`.
+def training_split(cfg: Config, run_dir: Path,
+                   main: bool = True) -> tuple[dict[str, list[str]], list[Case], list[Case]]:
+    """The structures episodes train on, the training cases and all cases; rank 0 writes `split.json`.
 
     With `supervision: labels` only structures present in at least K + 1 training patients (K support, one
     query) are kept.
@@ -59,7 +60,7 @@ def training_split(cfg: Config, run_dir: Path, main: bool = True) -> tuple[dict[
         split = {**split, "train": usable}
     log.info("structures: train %s | held out %s | %d training scans", split["train"], split["test"],
              len(train_cases))
-    return split, train_cases
+    return split, train_cases, cases
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None = None) -> Path:
@@ -78,7 +79,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     session = loop.begin(cfg, run_dir, resume, device=torch.device("cpu"))
     if session.world.main:
         write_config(cfg, session.run_dir)
-    split, train_cases = training_split(cfg, session.run_dir, session.world.main)
+    split, train_cases, cases = training_split(cfg, session.run_dir, session.world.main)
+    if cfg.segmentation.method == "propagate":  # a registration network, trained on the images alone
+        from pipeline.segmentation.propagate import network_grid, train_propagation
+
+        grid = network_grid([c.image.shape for c in cases], cfg.registration)  # shapes only: no labels
+        return train_propagation(cfg, session, train_cases, grid, stop_at)
     model = build_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
