@@ -39,6 +39,15 @@ def test_train_then_evaluate_writes_report_contract(cohort: Path, tmp_path: Path
         assert 0.0 <= acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1] <= 1.0
     assert set(report["classes"]) == set(split["novel"])
     assert (run / "accuracy.png").stat().st_size > 1000
+    # the trained encoder under a new linear head, and the method minus it and minus the untrained weights,
+    # episode by episode
+    assert set(report["paired"]) == {"untrained", "baseline_finetune"}
+    ft = report["baseline_finetune"]["metrics"]["accuracy"]
+    assert 0.0 <= ft["ci95"][0] <= ft["mean"] <= ft["ci95"][1] <= 1.0
+    for key in ("untrained", "baseline_finetune"):
+        gap = report["paired"][key]["accuracy"]
+        theirs = report[key]["metrics"]["accuracy"]["mean"]
+        assert gap["mean"] == pytest.approx(report["metrics"]["accuracy"]["mean"] - theirs) and gap["n"] == 10
 
     # Same run evaluated again reuses the fixed episodes and gives identical numbers.
     first = report["metrics"]["accuracy"]["mean"]

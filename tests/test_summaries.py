@@ -36,11 +36,27 @@ def test_metric_block_overall_and_per_structure() -> None:
              {"dice": 0.6, "hd95": 4.0, "per_structure": {"liver": {"dice": 0.6, "hd95": 4.0}}},
              {"dice": float("nan"), "hd95": float("nan"), "per_structure": {}}]  # a pair with no structure
     block = metric_block(items, ("dice", "hd95"))
-    assert block["metrics"]["dice"] == mean_ci95([0.8, 0.6]) and block["metrics"]["hd95"] == mean_ci95([2.0, 4.0])
+    dice, hd95 = (0.0, 1.0), (0.0, math.inf)  # each metric's range (BOUNDS)
+    assert block["metrics"]["dice"] == mean_ci95([0.8, 0.6], dice)
+    assert block["metrics"]["hd95"] == mean_ci95([2.0, 4.0], hd95)
     assert list(block["per_structure"]) == ["liver", "spleen"]
-    assert block["per_structure"]["liver"]["dice"] == mean_ci95([0.9, 0.6])
-    assert block["per_structure"]["spleen"]["hd95"] == mean_ci95([3.0])
+    assert block["per_structure"]["liver"]["dice"] == mean_ci95([0.9, 0.6], dice)
+    assert block["per_structure"]["spleen"]["hd95"] == mean_ci95([3.0], hd95)
     assert math.isnan(metric_block(items[2:], ("dice",))["metrics"]["dice"]["mean"])
+
+
+def test_intervals_stay_inside_each_metric_range() -> None:
+    """A t-interval over few, spread values leaves the range: Dice below 0, HD95 below 0, a difference below -1."""
+    items = [{"dice": d, "hd95": h, "per_structure": {"liver": {"dice": d, "hd95": h}}}
+             for d, h in ((0.0, 30.0), (0.95, 0.5), (0.9, 1.0))]
+    block = metric_block(items, ("dice", "hd95"))
+    raw = mean_ci95([0.0, 0.95, 0.9])["ci95"]
+    assert raw[0] < 0.0  # what the report showed before: Dice [-0.41, 0.94]
+    for b in (block["metrics"], block["per_structure"]["liver"]):
+        assert b["dice"]["ci95"] == [0.0, pytest.approx(min(raw[1], 1.0))]
+        assert b["hd95"]["ci95"][0] == 0.0 and b["hd95"]["ci95"][1] > 10.0
+    diff = paired_differences([0.0, 1.0, 1.0], {"b": [1.0, 0.0, 0.0]})["b"]["dice"]["ci95"]
+    assert -1.0 <= diff[0] and diff[1] <= 1.0 and diff[0] == -1.0
 
 
 def test_summary_text_rows_and_paired_lines() -> None:

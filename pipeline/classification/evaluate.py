@@ -12,9 +12,10 @@ import torch
 from pipeline.classification.data import Items, open_source
 from pipeline.classification.episodes import Episode, evaluation_episodes, split_groups
 from pipeline.classification.train import build_model, episode_batch
-from pipeline.common.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95
+from pipeline.common.config import Config
+from pipeline.common.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95, paired_differences
 from pipeline.common.progress import progress
-from pipeline.common.report import ci_text, plot_accuracy, plot_confusion, text_table, write_json
+from pipeline.common.report import ci_text, paired_lines, plot_accuracy, plot_confusion, text_table, write_json
 from pipeline.common.run import evaluation_files, load_run_config, load_weights, pick_device, read_split, set_threads
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,9 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
                                   ep_cfg.queries, device, f"evaluating {name}")
         for name, weights in [("untrained", "untrained.safetensors"), ("trained", "model.safetensors")]
     }
+    if cfg.method.name != "finetune":  # model holds the trained weights now: its encoder under a new linear head
+        preds["finetune"] = episode_predictions(finetune_baseline(model, cfg), items, episodes, ep_cfg.shots,
+                                                ep_cfg.queries, device, "evaluating finetune")
     per_episode = {name: [float((p.argmax(-1) == y).mean()) for p, y in pairs] for name, pairs in preds.items()}
     chance = 1.0 / ep_cfg.ways
     names = sorted({c for ep in episodes for c in ep.classes})
@@ -89,6 +93,10 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
         "classes": split["novel"],
         "metrics": episode_metrics(preds["trained"]),
         "untrained": {"metrics": episode_metrics(preds["untrained"])},
+        **({"baseline_finetune": {"metrics": episode_metrics(preds["finetune"])}} if "finetune" in preds else {}),
+        "paired": paired_differences(per_episode["trained"], {("untrained" if n == "untrained" else f"baseline_{n}"): v
+                                                              for n, v in per_episode.items() if n != "trained"},
+                                     metric="accuracy"),
         "per_class": _per_class(episodes, preds["trained"]),
         "confusion": {"classes": names, "matrix": confusion.tolist()},
     }
@@ -97,6 +105,15 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     plot_confusion(confusion, names, out.with_name(f"confusion{suffix}.png"))
     plot_accuracy(per_episode, chance, out.with_name(f"accuracy{suffix}.png"))
     return report
+
+
+def finetune_baseline(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """The method's trained encoder under a new linear head fitted on each support set (Chen et al. 2019's
+    Baseline): what the meta-training bought over plain transfer of the same encoder."""
+    from pipeline.classification.methods.finetune import FineTune
+
+    encoder = model.encoder if hasattr(model, "encoder") else model.net[0]  # MAML family: Sequential(encoder, head)
+    return FineTune(encoder, 1, steps=cfg.method.head_steps, lr=cfg.method.head_lr).eval()
 
 
 def _confusion(episodes: list[Episode], preds: list[tuple[np.ndarray, np.ndarray]], names: list[str]) -> np.ndarray:
@@ -121,8 +138,12 @@ def _per_class(episodes: list[Episode], preds: list[tuple[np.ndarray, np.ndarray
 
 def summary_table(report: dict[str, Any]) -> str:
     """A short text table of a classification report: accuracy and balanced accuracy (mean [95% CI]), macro-AUC."""
+    blocks = [("untrained", report["untrained"]["metrics"]), ("trained", report["metrics"])]
+    if "baseline_finetune" in report:
+        blocks.append(("finetune", report["baseline_finetune"]["metrics"]))
     rows = [[name, *(ci_text(m[k]) for k in ("accuracy", "balanced_accuracy")), f"{m['auc']['mean']:.3f}"]
-            for name, m in (("untrained", report["untrained"]["metrics"]), ("trained", report["metrics"]))]
+            for name, m in blocks]
+    notes = paired_lines(report, "trained", {"baseline_finetune": "finetune"}, label="accuracy")
     return text_table(f"{report['ways']}-way {report['shots']}-shot on novel classes {report['classes']}, "
                       f"{report['episodes']} episodes (chance {report['chance']:.3f}); mean [95% CI]",
-                      ["model", "accuracy", "balanced acc.", "macro-AUC"], rows)
+                      ["model", "accuracy", "balanced acc.", "macro-AUC"], rows, notes)
