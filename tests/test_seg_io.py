@@ -16,7 +16,7 @@ from datasets.synth_decathlon import synthetic_case
 from pipeline.common.config import to_dict, validate
 from pipeline.common.run import save_weights
 from pipeline.segmentation.adapt import adapt, predict
-from pipeline.segmentation.output import write_dicom_seg
+from pipeline.segmentation.output import segment_codes, write_dicom_seg, write_prediction
 from pipeline.segmentation.train import build_model
 
 
@@ -41,6 +41,53 @@ def test_dicom_seg_references_the_series_and_reads_back(tmp_path: Path) -> None:
     back = load_seg(out, tmp_path / "series")
     assert np.array_equal(np.asarray(back.array) > 0, mask)
     assert np.allclose(back.affine, volume.affine)
+
+
+def test_nifti_and_dicom_seg_of_one_prediction_agree_voxel_for_voxel(tmp_path: Path) -> None:
+    """A mask on a resampled prepared grid that reaches every border face: the NIfTI and the SEG written for the
+    DICOM input hold the same voxels (they disagreed on the border faces when each resampled on its own)."""
+    from pipeline.segmentation.data import make_case
+    from transforms.config import TransformConfig
+
+    _series(tmp_path / "series")
+    volume = load_series(tmp_path / "series")
+    case = make_case("q", volume, None, {}, TransformConfig(preset="mr", spacing=[1.0, 1.0, 1.7]))
+    assert case.image.shape != volume.array.shape  # a resampled grid, as `transforms.spacing` gives
+    mask = np.ones(case.image.shape, bool)
+    row = write_prediction(mask, case.affine, tmp_path / "series", volume, tmp_path / "pred_00", "liver")
+    nifti = np.asarray(nib.load(row["nifti"]).dataobj) > 0
+    seg = np.asarray(load_seg(Path(row["dicom_seg"]), tmp_path / "series").array) > 0
+    assert nifti.shape == seg.shape and nifti.sum() == row["voxels"] > 0
+    assert np.array_equal(nifti, seg)
+
+
+def test_segment_codes_come_from_the_structure_name() -> None:
+    category, kind, side = segment_codes("liver")
+    assert (category.meaning, kind.value, side) == ("Anatomical Structure", "10200004", None)
+    _, kind, side = segment_codes("kidney_left")
+    assert kind.meaning == "Kidney" and side.meaning == "Left"
+    assert segment_codes("Right kidney")[2].meaning == "Right"
+    category, kind, _ = segment_codes("liver_tumor")
+    assert category.meaning == "Morphologically Abnormal Structure" and kind.meaning == "Neoplasm"
+    assert segment_codes("7")[1].meaning == "Anatomical Structure"  # unknown: generic, the label carries the name
+    _, kind, _ = segment_codes("roi_a", {"roi_a": "SCT:41216001:Prostate"})
+    assert (kind.scheme_designator, kind.value, kind.meaning) == ("SCT", "41216001", "Prostate")
+    with pytest.raises(Exception, match="SCHEME:VALUE:MEANING"):
+        segment_codes("roi_a", {"roi_a": "Prostate"})
+
+
+def test_dicom_seg_carries_the_coded_structure(tmp_path: Path) -> None:
+    _series(tmp_path / "series")
+    volume = load_series(tmp_path / "series")
+    _, _, datasets = read_series(tmp_path / "series")
+    write_dicom_seg(np.ones(volume.array.shape, bool), volume.affine, list(datasets.values()), "kidney_right",
+                    tmp_path / "seg.dcm")
+    item = hd.seg.segread(tmp_path / "seg.dcm").SegmentSequence[0]
+    assert item.SegmentLabel == "kidney_right"
+    assert item.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Anatomical Structure"
+    assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "64033007"  # Kidney
+    modifier = item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0]
+    assert modifier.CodeMeaning == "Right"
 
 
 @pytest.fixture()

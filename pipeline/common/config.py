@@ -158,6 +158,7 @@ class SegmentationConfig:
     finetune_steps: int = Field(default=20, ge=0)
     baselines: list[Literal["atlas", "finetune"]] = Field(default_factory=lambda: ["finetune"])
     overlays: int = Field(default=4, ge=0)  # overlay PNGs written by evaluate
+    codes: dict[str, str] = Field(default_factory=dict)  # DICOM-SEG: structure name -> SCHEME:VALUE:MEANING
 
 
 @dataclass(config=_STRICT)

@@ -129,12 +129,10 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
     """Segment each input scan; writes `pred_NN.nii.gz` in the input's own geometry and, for a DICOM series
     input, `pred_NN_seg.dcm` (DICOM-SEG referencing that series)."""
 
-    import nibabel as nib
 
-    from datasets.volume_io import write_nifti
     from pipeline.segmentation.data import make_case
     from pipeline.segmentation.maml import maml_predictor
-    from pipeline.segmentation.output import mask_to_source, write_dicom_seg
+    from pipeline.segmentation.output import write_prediction
     from pipeline.segmentation.proto import proto_predictor
 
     adapted, out = Path(adapted), Path(out)
@@ -158,17 +156,8 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
         case = make_case(f"input{i}", image, None, {}, cfg.transforms, str(path))
         mask = (predictor(case.image) if scfg.method == "propagate" else
                 run_learned(lambda xs, ms: predictor, scfg.mode, [], case.image, None, 1, True))
-        is_nifti = path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))
-        source = nib.load(str(path)) if is_nifti else image.to_nifti()
-        nifti = out / f"pred_{i:02d}.nii.gz"
-        write_nifti(Volume(mask_to_source(mask, case.affine, source), source.affine), nifti, dtype=np.uint8)
-        row = {"input": str(path), "nifti": str(nifti), "voxels": int(mask.sum())}
-        if image.meta.get("series_uid"):
-            from datasets.dicom import read_series
-
-            _, _, datasets = read_series(path, image.meta["series_uid"])
-            row["dicom_seg"] = str(out / f"pred_{i:02d}_seg.dcm")
-            write_dicom_seg(mask, case.affine, list(datasets.values()), info["structure"], Path(row["dicom_seg"]))
+        row = write_prediction(mask, case.affine, path, image, out / f"pred_{i:02d}", info["structure"],
+                               scfg.codes)
         results.append(row)
     return results
 
