@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from datasets.sources import load_nifti
 from datasets.synth_decathlon import write_synthetic_subjects
@@ -192,3 +193,51 @@ def test_register_names_the_fixed_image_when_the_network_grid_differs(run: Path)
                                          r"was trained on \[8, 8, 8\]"):
         predict_transform(cfg, other, load_nifti(fixed_path), load_nifti(moving_path), state["modality"],
                           fixed_path=fixed_path)
+
+
+def test_register_aligns_scans_that_share_no_world_origin_and_matches_evaluate(run: Path, tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture[str]
+                                                                                ) -> None:
+    """A moving scan stored 500 mm away (another session's origin) registers as if it were not moved, and the
+    field is what `evaluate` computes for the pair (prepared volumes taken voxel for voxel on one grid); before,
+    `register` wrote all-zero images with exit 0."""
+    from pipeline.registration.episodes import preprocess
+    from pipeline.registration.network import Losses, predict, refine
+
+    cfg, model, state = load_checkpoint(run)
+    fixed_path, moving_path = task_files(run)[0][:2]
+    moved = nib.load(moving_path)
+    affine = moved.affine.copy()
+    affine[:3, 3] += [500.0, -300.0, 200.0]
+    far = tmp_path / "far.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj), affine), far)
+    fixed = load_nifti(fixed_path)
+    ddf_far, _, on_grid, _ = predict_transform(cfg, model, fixed, load_nifti(far), state["modality"])
+    ddf, _, _, _ = predict_transform(cfg, model, fixed, load_nifti(moving_path), state["modality"])
+    assert np.abs(on_grid.array).max() > 0.5  # the moving image is on the grid, not zeros
+    np.testing.assert_allclose(ddf_far, ddf, atol=1e-4)
+    # evaluate's computation of the same pair: each prepared volume voxel for voxel on the common grid
+    (f, _), (m, _) = (preprocess(cfg, load_nifti(p), None, 0, state["modality"]) for p in (fixed_path, far))
+    ft, mt = (torch.from_numpy(np.asarray(v.array, np.float32))[None, None] for v in (f, m))
+    rcfg = cfg.registration
+    expected = refine(predict(model, mt, ft), mt, ft, Losses(rcfg, 1), rcfg.instance_steps, rcfg.instance_lr)
+    np.testing.assert_allclose(ddf_far, expected[0].numpy(), atol=1e-4)
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", str(fixed_path), "--moving", str(far), "--checkpoint", str(run),
+                 "--out", str(out)]) == 0
+    assert np.asarray(nib.load(out / "warped.nii.gz").dataobj).max() > 0.5
+
+
+def test_register_refuses_fields_of_view_that_cannot_overlap(run: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    fixed_path, moving_path = task_files(run)[0][:2]
+    moved = nib.load(moving_path)
+    sliver = np.asarray(moved.dataobj)[:, :, 7:9]  # 2 of 16 slices: centred, it covers 1/8 of the fixed grid
+    affine = moved.affine.copy()
+    affine[:3, 2] *= 0.5  # and at half the slice thickness: 1/16
+    nib.save(nib.Nifti1Image(sliver, affine), tmp_path / "sliver.nii.gz")
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", str(fixed_path), "--moving", str(tmp_path / "sliver.nii.gz"),
+                 "--checkpoint", str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot overlap" in err and "Traceback" not in err and not out.exists()

@@ -51,8 +51,11 @@ def predict_transform(cfg: Config, model: RegistrationNet, fixed: Volume, moving
     """Register `moving` to `fixed` (any grids) with a trained network.
 
     Both are prepared by the run's preset (`modality` is the preset key of both, or of the fixed image when
-    `moving_modality` is given); the fixed one defines the network grid, the moving one is resampled onto it in
-    world coordinates (after a SimpleITK affine when `prealign: sitk`).
+    `moving_modality` is given); the fixed one defines the network grid, the moving one is resampled onto it after
+    aligning the centres of the two prepared grids (SimpleITK `CenteredTransformInitializer`, GEOMETRY), or after a
+    SimpleITK affine (itself centre-initialised) when `prealign: sitk`. Two scans of different patients (or
+    sessions) rarely share a world origin; centring is what `evaluate` does too, where each prepared volume is
+    taken voxel for voxel on the common grid, so both score the same pair the same way.
 
     Returns:
         The network's DDF `(3, *grid)` (voxels of the grid), the prepared fixed volume (the grid), the prepared
@@ -60,10 +63,12 @@ def predict_transform(cfg: Config, model: RegistrationNet, fixed: Volume, moving
 
     Raises:
         InputError: naming `fixed_path`, when the prepared fixed image is not the network's grid (a run trained
-            without `transforms.volume_size`).
+            without `transforms.volume_size`); or when, centred, the moving image covers under
+            `MIN_OVERLAP` of the fixed grid (fields of view that cannot overlap).
     """
     import SimpleITK as sitk
 
+    from datasets.world import to_sitk
     from pipeline.registration.classical import register_sitk
     from pipeline.registration.deformation import ddf_to_itk, resample_to
 
@@ -72,7 +77,16 @@ def predict_transform(cfg: Config, model: RegistrationNet, fixed: Volume, moving
         raise InputError(fixed_path or "fixed image", f"prepared, it is {list(grid.array.shape)} voxels but the "
                          f"network was trained on {list(model.image_size)}: train with transforms.volume_size set")
     moving_p, _ = preprocess(cfg, moving, None, 0, moving_modality or modality)
-    affine = register_sitk(grid, moving_p, "affine", seed=cfg.seed)[1] if cfg.registration.prealign == "sitk" else None
+    if cfg.registration.prealign == "sitk":
+        affine = register_sitk(grid, moving_p, "affine", seed=cfg.seed)[1]
+    else:
+        affine = sitk.CenteredTransformInitializer(to_sitk(grid), to_sitk(moving_p), sitk.Euler3DTransform(),
+                                                   sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    # the moving scan's own field of view (its prepared volume may be zero-padded to the grid size)
+    cover = resample_to(Volume(np.ones(moving.array.shape[:3], np.float32), moving.affine), grid, True, affine)
+    if cover.array.mean() < MIN_OVERLAP:
+        raise InputError(fixed_path or "fixed image", f"the moving image covers {cover.array.mean():.1%} of its "
+                         "grid after aligning their centres: their fields of view cannot overlap enough to register")
     on_grid = resample_to(moving_p, grid, transform=affine)
     to_tensor = lambda v: torch.from_numpy(np.asarray(v.array, np.float32))[None, None]  # noqa: E731
     moving_t, fixed_t = to_tensor(on_grid), to_tensor(grid)
@@ -80,7 +94,10 @@ def predict_transform(cfg: Config, model: RegistrationNet, fixed: Volume, moving
     ddf = refine(predict(model, moving_t, fixed_t), moving_t, fixed_t, Losses(rcfg, 1), rcfg.instance_steps,
                  rcfg.instance_lr)[0].numpy()
     field = sitk.DisplacementFieldTransform(ddf_to_itk(ddf, grid))
-    return ddf, grid, on_grid, field if affine is None else sitk.CompositeTransform([affine, field])
+    return ddf, grid, on_grid, sitk.CompositeTransform([affine, field])
+
+
+MIN_OVERLAP = 0.1  # share of the fixed grid the centred moving image must cover
 
 
 # --- input checks ------------------------------------------------------------------------------------------------
