@@ -306,15 +306,27 @@ def _adapt(args: argparse.Namespace) -> int:
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapted", type=Path, help="folder written by `adapt`")
-    p.add_argument("inputs", type=Path, nargs="+", help="DICOM series folders, NIfTI files or 2D images")
+    p.add_argument("inputs", type=Path, nargs="*", help="DICOM series folders, NIfTI files or 2D images")
     p.add_argument("--centre", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
-                   help="lesion centre for 3D inputs, in the run's data.center_frame (default: volume centre)")
+                   help="classification: the lesion centre of the named 3D inputs, in the run's data.center_frame")
+    p.add_argument("--queries", type=Path, default=None,
+                   help="classification: a CSV of scans to classify, column path (relative to the CSV) and the "
+                        "run's centre columns (data.center_columns, e.g. lps_x,lps_y,lps_z)")
+    p.add_argument("--whole-volume", action="store_true",
+                   help="classification: classify 3D inputs without a centre by the volume's central crop")
     p.add_argument("--out", type=Path, default=Path("predictions"),
-                   help="segmentation: folder for the NIfTI masks (and DICOM-SEGs for DICOM inputs)")
+                   help="output folder: predictions.csv/.json (classification), NIfTI masks and DICOM-SEGs "
+                        "(segmentation)")
 
 
 def _predict(args: argparse.Namespace) -> int:
-    print(task_module(_run_task(args.adapted)).predict(args.adapted, args.inputs, args.out, args.centre))
+    task = _run_task(args.adapted)
+    extra = {"queries": args.queries, "whole_volume": args.whole_volume} if task == "classification" else {}
+    if task != "classification" and (args.queries or args.whole_volume or args.centre):
+        raise FewscanError(f"{args.adapted}: --queries, --whole-volume and --centre are for classification runs")
+    if not args.inputs and not args.queries:
+        raise FewscanError("predict: name at least one input scan (or --queries CSV for classification)")
+    print(task_module(task).predict(args.adapted, args.inputs, args.out, args.centre, **extra))
     return 0
 
 

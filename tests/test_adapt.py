@@ -52,8 +52,8 @@ def test_train_evaluate_adapt_predict(tmp_path: Path, method: str, capsys: pytes
     Image.fromarray(images[19]).save(query)
     adapted = tmp_path / "adapted"
     assert main(["adapt", str(run), "--support", str(support), "--out", str(adapted)]) == 0
-    assert main(["predict", str(adapted), str(query)]) == 0
-    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["predict", str(adapted), str(query), "--out", str(tmp_path / "pred")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-2]  # the last line names the predictions file
     probs = [float(part.split("=")[1]) for part in line.split()[2:]]
     assert line.startswith(str(query)) and "new_a=" in line and "new_b=" in line
     assert sum(probs) == pytest.approx(1.0, abs=1e-3)
@@ -99,8 +99,76 @@ def test_adapt_from_csv_of_nifti_and_dicom_and_predict_either(tmp_path: Path,
     assert main(["adapt", str(run), "--support", str(support), "--out", str(adapted)]) == 0
     capsys.readouterr()
     # the DICOM twin of support scan_a, the NIfTI twin of support scan_b
-    assert main(["predict", str(adapted), str(scans[(0, 0)][0]), str(scans[(2, 0)][1])]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert main(["predict", str(adapted), str(scans[(0, 0)][0]), str(scans[(2, 0)][1]),
+                 "--out", str(tmp_path / "p")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()[-3:-1]
     for line, expected in zip(lines, ("scan_a", "scan_b"), strict=True):
         probs = {p.split("=")[0]: float(p.split("=")[1]) for p in line.split() if "=" in p}
         assert set(probs) == {"scan_a", "scan_b"} and probs[expected] > 0.9, line  # measured 0.994
+
+
+@pytest.fixture(scope="module")
+def lesion_adapted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, str]]]:
+    """A lesion-crop run (TCIA-style cohort, findings with LPS centres) adapted to two lesion types; returns the
+    adapted folder and the findings rows (series folder as `path`)."""
+    import csv
+
+    base = tmp_path_factory.mktemp("lesions")
+    cohort = base / "cohort"
+    assert main(["synth", str(cohort), "--patients", "8", "--seed", "1"]) == 0
+    run = base / "run"
+    assert main(["train", str(REPO / "configs" / "smoke.yaml"), "--set", f"data.root={cohort}", "--set",
+                 "train.iterations=1", "--out", str(run)]) == 0
+    series = {p.name.split("-")[-1]: p for p in cohort.glob("SYN*/*/*") if p.is_dir() and p.name != "labels"}
+    rows = []
+    with (cohort / "findings.csv").open() as f:
+        for r in csv.DictReader(f):
+            rows.append({"path": str(series[r["series_uid"][-5:]]), "label": r["lesion_type"],
+                         **{k: r[k] for k in ("lps_x", "lps_y", "lps_z")}})
+    kinds = sorted({r["label"] for r in rows})[:2]
+    support = [r for k in kinds for r in [r for r in rows if r["label"] == k][:2]]
+    lines = ["path,label,lps_x,lps_y,lps_z"] + [",".join(r[k] for k in ("path", "label", "lps_x", "lps_y", "lps_z"))
+                                                for r in support]
+    (base / "support.csv").write_text("\n".join(lines) + "\n")
+    assert main(["adapt", str(run), "--support", str(base / "support.csv"), "--out", str(base / "adapted")]) == 0
+    return base / "adapted", rows
+
+
+def test_predict_writes_csv_and_json_for_a_query_csv(lesion_adapted: tuple[Path, list[dict[str, str]]],
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    adapted, rows = lesion_adapted
+    queries = tmp_path / "queries.csv"
+    queries.write_text("path,lps_x,lps_y,lps_z\n" + "".join(f"{r['path']},{r['lps_x']},{r['lps_y']},{r['lps_z']}\n"
+                                                            for r in rows[:3]))
+    out = tmp_path / "pred"
+    assert main(["predict", str(adapted), "--queries", str(queries), "--out", str(out)]) == 0
+    records = json.loads((out / "predictions.json").read_text())
+    assert [r["input"] for r in records] == [r["path"] for r in rows[:3]]
+    assert records[0]["centre"] == [float(rows[0][k]) for k in ("lps_x", "lps_y", "lps_z")]
+    table = (out / "predictions.csv").read_text().splitlines()
+    assert len(table) == 4 and table[0].startswith("input,centre,prediction,p_")
+    for rec in records:
+        assert sum(rec["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert rec["prediction"] == max(rec["probabilities"], key=rec["probabilities"].get)
+    # different centres in one scan give different crops, so different probabilities
+    assert len({json.dumps(r["probabilities"]) for r in records}) > 1
+
+
+def test_predict_refuses_a_lesion_run_without_a_centre_or_outside_the_volume(
+        lesion_adapted: tuple[Path, list[dict[str, str]]], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    adapted, rows = lesion_adapted
+    scan = rows[0]["path"]
+    out = tmp_path / "pred"
+    assert main(["predict", str(adapted), scan, "--out", str(out)]) == 2
+    assert "give the lesion centre" in capsys.readouterr().err and not out.exists()
+    centre = [float(rows[0][k]) for k in ("lps_x", "lps_y", "lps_z")]
+    for axis in range(3):
+        for offset in (-1000.0, 1000.0):  # far beyond the lower and the upper edge of every axis
+            far = list(centre)
+            far[axis] += offset
+            assert main(["predict", str(adapted), scan, "--centre", *map(str, far), "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert "lies outside the volume" in err and "Traceback" not in err and not out.exists()
+    assert main(["predict", str(adapted), scan, "--whole-volume", "--out", str(out)]) == 0
+    assert json.loads((out / "predictions.json").read_text())[0]["centre"] is None

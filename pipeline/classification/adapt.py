@@ -79,9 +79,39 @@ def read_support(spec: Path, cfg: Config) -> list[tuple[Path, str, list[float] |
     return rows
 
 
-def load_item(path: Path, cfg: Config, item_shape: tuple[int, ...], centre: list[float] | None = None
-              ) -> torch.Tensor:
-    """One preprocessed item shaped like the training items `item_shape` = `(C, *spatial)`."""
+def lesion_crops(cfg: Config) -> bool:
+    """Whether the run's 3D items are crops around a finding's or structure's centre (`tcia`, `decathlon`), not
+    whole scans (`folder`, `npz`): a new scan then needs the lesion's centre."""
+    return cfg.data.source in ("tcia", "decathlon")
+
+
+def check_centre(image: Any, ras: np.ndarray, centre: list[float], cfg: Config, path: Path) -> None:
+    """Refuse a centre outside the prepared volume, on any side (a crop there is padding, not the lesion).
+
+    Raises:
+        InputError: naming `path`, the centre, its frame and the volume's voxel extent.
+    """
+    from transforms.presets import world_to_voxel
+
+    vox = world_to_voxel(image, ras)
+    shape = np.asarray(image.shape[1:4])
+    if np.any(vox < -0.5) or np.any(vox > shape - 0.5):
+        raise InputError(path, f"centre {list(centre)} ({cfg.data.center_frame} mm) lies outside the volume "
+                         f"(voxel {np.round(vox, 1).tolist()} of a {shape.tolist()} grid)")
+
+
+def load_item(path: Path, cfg: Config, item_shape: tuple[int, ...], centre: list[float] | None = None,
+              whole_volume: bool = False) -> torch.Tensor:
+    """One preprocessed item shaped like the training items `item_shape` = `(C, *spatial)`.
+
+    A 3D scan is cropped around `centre` (in `data.center_frame`); without one, a run trained on lesion crops
+    refuses it unless `whole_volume` (then the volume's central `roi_size` crop is classified, as for runs
+    trained on whole scans).
+
+    Raises:
+        InputError: naming `path`: missing, unreadable, a centre outside the volume, no centre for a lesion-crop
+            run, or a preprocessed shape other than the model's.
+    """
     from datasets.sources import is_nifti, load_image, load_nifti
     from datasets.world import lps_to_ras
     from transforms.crop import fit_size
@@ -106,7 +136,12 @@ def load_item(path: Path, cfg: Config, item_shape: tuple[int, ...], centre: list
         image = prepare(cfg.transforms, volume.meta.get("modality"))(volume_to_dict(volume))["image"]
         if centre is not None:
             ras = lps_to_ras(centre) if cfg.data.center_frame == "LPS" else np.asarray(centre)
+            check_centre(image, ras, centre, cfg, path)
             x = crop_around(image, ras, cfg.transforms)
+        elif lesion_crops(cfg) and not whole_volume:
+            raise InputError(path, "this run classifies lesion crops: give the lesion centre (--centre X Y Z in "
+                             f"{cfg.data.center_frame} mm, or the columns {cfg.data.center_columns} of a --queries "
+                             "CSV), or --whole-volume to classify the volume's central crop")
         else:
             x = fit_size(image, cfg.transforms.roi_size)
         if len(item_shape) == 3 and x.ndim == 4 and cfg.transforms.slice_axis != "none":
@@ -160,23 +195,75 @@ def adapt(run_or_checkpoint: Path, support: Path, out: Path) -> dict[str, Any]:
     return summary
 
 
-def predict(adapted: Path, inputs: list[Path], centre: list[float] | None = None) -> list[dict[str, Any]]:
-    """Per input: `{"input", "prediction", "probabilities": {class: p}}` from an ADAPTED folder."""
+def read_queries(spec: Path, cfg: Config) -> list[tuple[Path, list[float] | None]]:
+    """(item path, centre or None) rows of a query CSV: column `path` (relative to the CSV) and optionally the
+    run's centre columns (`data.center_columns`); a support CSV (its `label` column ignored) is one too.
+
+    Raises:
+        InputError: naming the CSV: unreadable, no `path` column, a non-numeric centre, or no rows.
+    """
+    spec = Path(spec)
+    try:
+        with spec.open(newline="") as f:
+            table = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise InputError(spec, f"cannot read the query CSV: {err}") from None
+    if not table or "path" not in table[0]:
+        raise InputError(spec, "a query CSV needs a header with a 'path' column (and optionally "
+                         f"{cfg.data.center_columns})")
+    rows = []
+    for n, row in enumerate(table, start=2):
+        centre = None
+        if all(row.get(c) not in (None, "") for c in cfg.data.center_columns):
+            try:
+                centre = [float(row[c]) for c in cfg.data.center_columns]
+            except ValueError:
+                raise InputError(spec, f"line {n}: centre {cfg.data.center_columns} is not numeric") from None
+        rows.append(((spec.parent / row["path"]).resolve(), centre))
+    return rows
+
+
+def predict(adapted: Path, inputs: list[Path], centre: list[float] | None = None, queries: Path | None = None,
+            whole_volume: bool = False) -> list[dict[str, Any]]:
+    """Per input: `{"input", "centre", "prediction", "probabilities": {class: p}}` from an ADAPTED folder.
+
+    Inputs are `inputs` (all with `centre`, if given) then the rows of a `queries` CSV (each with its own centre).
+    Every input is read and checked before any is classified.
+    """
     adapted = Path(adapted)
     if not (adapted / "adapted.json").is_file():
         raise InputError(adapted, "not an adapted folder (no adapted.json); run `adapt` first")
     summary = json.loads((adapted / "adapted.json").read_text())
     cfg, model, _ = _model(adapted, adapted / "model.safetensors")
+    rows = [(Path(p), centre) for p in inputs] + (read_queries(queries, cfg) if queries is not None else [])
+    if not rows:
+        raise FewscanError("no inputs: name scans or give --queries CSV")
+    items = [load_item(p, cfg, tuple(summary["item_shape"]), c, whole_volume)[None] for p, c in rows]
     fitted = {k: v for k, v in load_file(str(adapted / "state.safetensors")).items()}
     results = []
-    for path in inputs:
-        x = load_item(Path(path), cfg, tuple(summary["item_shape"]), centre)[None]
+    for (path, c), x in zip(rows, items, strict=True):
         with torch.no_grad():
             probs = torch.softmax(model.predict(fitted, x).float(), -1)[0]
         classes = summary["classes"]
-        results.append({"input": str(path), "prediction": classes[int(probs.argmax())],
-                        "probabilities": {c: float(p) for c, p in zip(classes, probs, strict=True)}})
+        results.append({"input": str(path), "centre": c, "prediction": classes[int(probs.argmax())],
+                        "probabilities": {k: float(v) for k, v in zip(classes, probs, strict=True)}})
     return results
+
+
+def write_predictions(results: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
+    """`OUT/predictions.csv` (input, centre, prediction, one probability column per class) and
+    `OUT/predictions.json` (the same records)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = list(results[0]["probabilities"])
+    with atomic_path(out / "predictions.csv") as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["input", "centre", "prediction", *[f"p_{c}" for c in classes]])
+        for r in results:
+            centre = " ".join(f"{v:g}" for v in r["centre"]) if r["centre"] is not None else ""
+            writer.writerow([r["input"], centre, r["prediction"], *[f"{r['probabilities'][c]:.6f}" for c in classes]])
+    write_json(results, out / "predictions.json")
+    return out / "predictions.csv", out / "predictions.json"
 
 
 def format_predictions(results: list[dict[str, Any]]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.classification.adapt import adapt as _adapt
-from pipeline.classification.adapt import format_predictions
+from pipeline.classification.adapt import format_predictions, write_predictions
 from pipeline.classification.adapt import predict as _predict
 from pipeline.classification.episodes import classification_episodes as fixed_episodes
 from pipeline.classification.evaluate import evaluate, summary_table
@@ -20,8 +20,12 @@ def adapt(run: Path, support: Path, out: Path, structure: str | None = None) -> 
     return f"adapted {summary['method']} to {summary['support_per_class']} -> {out}"
 
 
-def predict(adapted: Path, inputs: list[Path], out: Path, centre: list[float] | None = None) -> str:
-    """Per-class probabilities of each input, as a text table."""
-    return format_predictions(_predict(adapted, inputs, centre))
+def predict(adapted: Path, inputs: list[Path], out: Path, centre: list[float] | None = None,
+            queries: Path | None = None, whole_volume: bool = False) -> str:
+    """Per-class probabilities of each input (and of each `queries` CSV row): a text table, and
+    `OUT/predictions.csv` + `OUT/predictions.json`."""
+    results = _predict(adapted, inputs, centre, queries, whole_volume)
+    table, _ = write_predictions(results, out)
+    return f"{format_predictions(results)}\n-> {table}"
 
 
