@@ -172,3 +172,24 @@ def test_predict_refuses_a_lesion_run_without_a_centre_or_outside_the_volume(
             assert "lies outside the volume" in err and "Traceback" not in err and not out.exists()
     assert main(["predict", str(adapted), scan, "--whole-volume", "--out", str(out)]) == 0
     assert json.loads((out / "predictions.json").read_text())[0]["centre"] is None
+
+
+def test_adapt_takes_the_collections_own_findings_csv(lesion_adapted: tuple[Path, list[dict[str, str]]],
+                                                      tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows of the cohort's findings.csv (series_uid, the config's label_column lesion_type, LPS centres): the
+    series are found through the run's manifest.csv."""
+    adapted, _ = lesion_adapted
+    run = adapted.parent / "run"
+    findings = (adapted.parent / "cohort" / "findings.csv").read_text().splitlines()
+    kinds = sorted({line.split(",")[4] for line in findings[1:]})[:2]
+    rows = [line for k in kinds for line in [ln for ln in findings[1:] if ln.split(",")[4] == k][:2]]
+    (tmp_path / "findings.csv").write_text("\n".join([findings[0], *rows]) + "\n")
+    assert main(["adapt", str(run), "--support", str(tmp_path / "findings.csv"), "--out", str(tmp_path / "a")]) == 0
+    summary = json.loads((tmp_path / "a" / "adapted.json").read_text())
+    assert summary["classes"] == kinds and sum(summary["support_per_class"].values()) == 4
+    unknown = rows[0].split(",")
+    unknown[2] = "1.2.3.4"  # a series the run never indexed
+    (tmp_path / "new.csv").write_text("\n".join([findings[0], ",".join(unknown), *rows[1:]]) + "\n")
+    assert main(["adapt", str(run), "--support", str(tmp_path / "new.csv"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "line 2" in err and "manifest" in err and not (tmp_path / "b").exists()

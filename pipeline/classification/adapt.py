@@ -51,8 +51,17 @@ def resolve_run(path: Path) -> tuple[Path, Path]:
     return run, weights
 
 
-def read_support(spec: Path, cfg: Config) -> list[tuple[Path, str, list[float] | None]]:
-    """(item path, label, centre or None) rows from a support CSV or a class-per-folder tree."""
+def read_support(spec: Path, cfg: Config, manifest: Path | None = None) -> list[tuple[Path, str, list[float] | None]]:
+    """(item path, label, centre or None) rows from a support CSV or a class-per-folder tree.
+
+    CSV columns: the label in `label` or the run's `data.label_column` (e.g. `lesion_type`); the item in `path`
+    (relative to the CSV), or, for the collection's own findings CSV, `series_uid`, looked up in `manifest` (the
+    run's `manifest.csv`, which `index` wrote); the centre in `data.center_columns` (optional).
+
+    Raises:
+        InputError: naming the CSV: unreadable, no label or item column, a series not in the manifest, a
+            non-numeric centre, or no rows.
+    """
     spec = Path(spec)
     if spec.is_dir():
         rows = [(item, d.name, None) for d in sorted(spec.iterdir()) if d.is_dir() and not d.name.startswith(".")
@@ -63,8 +72,12 @@ def read_support(spec: Path, cfg: Config) -> list[tuple[Path, str, list[float] |
                 table = list(csv.DictReader(f))
         except (OSError, UnicodeDecodeError, csv.Error) as err:
             raise InputError(spec, f"cannot read support CSV: {err}") from None
-        if not table or not {"path", "label"} <= set(table[0]):
-            raise InputError(spec, "a support CSV needs a header with 'path' and 'label' columns")
+        header = set(table[0]) if table else set()
+        label = next((c for c in ("label", cfg.data.label_column) if c in header), None)
+        if label is None or not header & {"path", "series_uid"}:
+            raise InputError(spec, f"a support CSV needs a label column ('label' or '{cfg.data.label_column}') and "
+                             "'path' (or the 'series_uid' of a findings CSV)")
+        where = _series_paths(manifest) if "path" not in header else {}
         rows = []
         for n, row in enumerate(table, start=2):
             centre = None
@@ -73,10 +86,26 @@ def read_support(spec: Path, cfg: Config) -> list[tuple[Path, str, list[float] |
                     centre = [float(row[c]) for c in cfg.data.center_columns]
                 except ValueError:
                     raise InputError(spec, f"line {n}: centre {cfg.data.center_columns} is not numeric") from None
-            rows.append(((spec.parent / row["path"]).resolve(), row["label"], centre))
+            if "path" in header:
+                item = (spec.parent / row["path"]).resolve()
+            elif row["series_uid"] in where:
+                item = where[row["series_uid"]]
+            else:
+                raise InputError(spec, f"line {n}: its series is not in the run's manifest.csv; index the new "
+                                 "scans (python -m pipeline index ROOT --labels THIS.csv --out manifest.csv) and "
+                                 "pass that manifest as --support")
+            rows.append((item, row[label], centre))
     if not rows:
         raise InputError(spec, "no support items found")
     return rows
+
+
+def _series_paths(manifest: Path | None) -> dict[str, Path]:
+    """series_uid -> series path of a manifest CSV (empty without one)."""
+    if manifest is None or not Path(manifest).is_file():
+        return {}
+    with Path(manifest).open(newline="") as f:
+        return {r["series_uid"]: Path(r["path"]) for r in csv.DictReader(f) if r.get("series_uid")}
 
 
 def lesion_crops(cfg: Config) -> bool:
@@ -169,7 +198,7 @@ def adapt(run_or_checkpoint: Path, support: Path, out: Path) -> dict[str, Any]:
     cfg, model, info = _model(run, weights)
     if not info["item_shape"]:
         raise InputError(run, "state.json lacks the training item shape; re-run `train` with this version")
-    rows = read_support(support, cfg)
+    rows = read_support(support, cfg, run / "manifest.csv")
     classes = sorted({label for _, label, _ in rows})
     if len(classes) < 2:
         raise InputError(support, f"the support set needs at least 2 classes, found {classes}")
