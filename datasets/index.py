@@ -29,7 +29,7 @@ from datasets import dicom
 from datasets.dicom_frames import Frame, frames_of, is_image
 from datasets.dicom_geometry import plan_stacks
 from datasets.volume import InputError, atomic_path
-from datasets.volume_io import load_volume
+from datasets.volume_io import VOLUME_SUFFIXES, load_volume, read_sidecar
 from datasets.world import LPS_TO_RAS, sitk_ras_affine
 
 __all__ = ["index_tree", "load_volume", "patient_key", "read_manifest", "write_manifest"]
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SALT = "fewscan-public-salt-v1"
 RAW_ID_COLUMNS = ("patient_id", "PatientID")
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 SERIES_COLUMNS = ["path", "kind", "modality", "series_uid", "study_uid", "patient_key", "shape", "spacing",
                   "orientation", "n_files", "labels_for", "label_names", "description", "stack", "issues"]
 CACHE_VERSION = 1
@@ -126,7 +125,7 @@ def _summarise_itk(path: Path) -> dict[str, Any] | None:
 
 
 def _geometry_summary(path: Path, shape: tuple[int, ...], affine) -> dict[str, Any]:
-    sidecar = _sidecar(path)
+    sidecar = read_sidecar(path)
     return {
         "kind": "nifti",
         "file": str(path),
@@ -144,23 +143,6 @@ def canonical_order(values, affine: np.ndarray) -> list[float]:
     for axis, (target, _) in enumerate(nib.orientations.io_orientation(affine)):
         out[int(target)] = values[axis]
     return out
-
-
-def _sidecar(path: Path) -> dict[str, Any]:
-    """``<name>.json`` (name without .nii.gz etc.) or ``<file>.json`` beside a volume file, if present."""
-    stem = path.name
-    for suffix in VOLUME_SUFFIXES:
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    for candidate in (path.with_name(stem + ".json"), path.with_name(path.name + ".json")):
-        if candidate.is_file():
-            try:
-                data = json.loads(candidate.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise InputError(candidate, f"invalid JSON sidecar: {err}") from err
-            return data if isinstance(data, dict) else {}
-    return {}
 
 
 def _walk(root: Path) -> list[Path]:

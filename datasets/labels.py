@@ -28,7 +28,7 @@ from datasets.dicom import finish, load_series, read_dataset, reference_stack
 from datasets.dicom_frames import frames_of
 from datasets.dicom_geometry import POSITION_TOL_MM, Stack
 from datasets.volume import InputError, Volume
-from datasets.volume_io import load_volume
+from datasets.volume_io import load_volume, read_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,9 @@ def load_labels(
         loader = load_seg if modality == "SEG" else load_rtstruct
         return loader(path, reference, masks=masks, irregular=irregular)
     labels = load_volume(path)
+    names = read_sidecar(path).get("label_names")  # fewscan's own label maps carry their names beside them
+    if isinstance(names, dict) and names:
+        labels.meta["label_names"] = {str(k): str(v) for k, v in names.items()}
     if image is None and reference is not None:
         image = (load_volume(Path(reference), irregular=irregular) if isinstance(reference, str | os.PathLike)
                  else load_series(reference, irregular=irregular))

@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 
 from datasets.volume import InputError, Volume, atomic_path, canonical
 from datasets.world import sitk_ras_affine
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -122,3 +124,20 @@ def write_nifti(image: Volume | sitk.Image, path: Path, *, dtype: np.dtype | typ
 def _jsonable(meta: dict) -> dict:
     return {k: (v if isinstance(v, str | int | float | bool | dict | list) or v is None else str(v))
             for k, v in meta.items()}
+
+
+def read_sidecar(path: Path) -> dict[str, Any]:
+    """``<name>.json`` (name without .nii.gz etc.) or ``<file>.json`` beside a volume file, if present."""
+    stem = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    for candidate in (path.with_name(stem + ".json"), path.with_name(path.name + ".json")):
+        if candidate.is_file():
+            try:
+                data = json.loads(candidate.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise InputError(candidate, f"invalid JSON sidecar: {err}") from err
+            return data if isinstance(data, dict) else {}
+    return {}

@@ -126,3 +126,24 @@ def test_adapt_predict_nifti_keeps_input_geometry_and_dicom_gets_a_seg(tmp_path:
     back = load_seg(Path(rows[1]["dicom_seg"]), tmp_path / "series")
     assert np.array_equal(np.asarray(back.array) > 0, np.asarray(out_dcm.dataobj) > 0)
     assert len(series_files) == 8
+
+
+def test_adapt_reads_structure_names_from_the_label_sidecar(tmp_path: Path, run_dir: Path) -> None:
+    """A label map with fewscan's JSON sidecar (as `synth` and `convert` write): `--structure liver` finds value 2
+    through it (it answered "no structure 'liver' in the labels (names: [])")."""
+    import json
+
+    from datasets.labels import load_labels
+    from pipeline.segmentation.adapt import _structure_mask
+
+    image, label = synthetic_case(np.random.default_rng(3), (22, 18, 10))
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp_path / "img.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "lab.nii.gz"))
+    (tmp_path / "lab.json").write_text(json.dumps({"label_names": {"1": "kidney", "2": "liver", "3": "spleen"}}))
+    loaded = load_labels(tmp_path / "lab.nii.gz")
+    assert loaded.meta["label_names"]["2"] == "liver"
+    mask = _structure_mask(loaded, "liver", tmp_path / "lab.nii.gz")
+    assert mask.any() and np.array_equal(mask, np.asarray(label) == 2)
+    (tmp_path / "support.csv").write_text("image,label\nimg.nii.gz,lab.nii.gz\n")
+    summary = adapt(run_dir, tmp_path / "support.csv", tmp_path / "adapted", structure="liver")
+    assert summary["structure"] == "liver" and summary["shots"] == 1
