@@ -66,3 +66,27 @@ def test_every_configured_monai_backbone_gives_dense_features_2d_and_3d() -> Non
             with torch.no_grad():
                 assert model.features(x).shape == (1, 6, *shape), (encoder, mode)
                 assert model(x, (x > 0.5).float(), x).shape == (1, 2, *shape)
+
+
+def test_chunked_scoring_equals_scoring_all_prototypes_at_once() -> None:
+    from pipeline.segmentation.proto import class_scores
+
+    g = torch.Generator().manual_seed(0)
+    query, protos = torch.randn(2, 8, 12, 10, generator=g), torch.randn(300, 8, generator=g)
+    with torch.enable_grad():  # the one-go path
+        full = class_scores(query, protos, 20.0)
+    with torch.no_grad():
+        chunked = class_scores(query, protos, 20.0, chunk=7)  # 43 chunks, the last one short
+    assert torch.allclose(chunked, full.detach(), atol=1e-4)
+
+
+def test_support_prototypes_are_capped_and_keep_the_global_one() -> None:
+    from pipeline.segmentation.proto import PROTOTYPE_CAP, cap_prototypes
+
+    protos = torch.arange(3000 * 2, dtype=torch.float32).reshape(3000, 2)
+    capped = cap_prototypes(protos)
+    assert capped.shape == (PROTOTYPE_CAP, 2) and torch.equal(capped[0], protos[0])
+    assert torch.equal(capped, cap_prototypes(protos))  # deterministic
+    assert len(torch.unique(capped[:, 0])) == PROTOTYPE_CAP  # no prototype twice
+    assert capped[-1, 0] == protos[-1, 0]  # evenly spread to the last one
+    assert torch.equal(cap_prototypes(protos[:10]), protos[:10])

@@ -23,6 +23,8 @@ from pipeline.common.config import SegmentationConfig
 from transforms.crop import pad_divisible
 
 EPS = 1e-5
+SCORE_CHUNK = 64  # prototypes scored at a time when predicting (memory (Q, SCORE_CHUNK, *S))
+PROTOTYPE_CAP = 1024  # most prototypes per class from a support set (adapt / predict on many slices)
 
 
 def build_backbone(scfg: SegmentationConfig, spatial_dims: int, out_channels: int | None = None) -> nn.Module:
@@ -86,8 +88,11 @@ def local_prototypes(features: torch.Tensor, mask: torch.Tensor, pool: int, thre
     return protos[keep]
 
 
-def class_scores(query: torch.Tensor, protos: torch.Tensor, scale: float) -> torch.Tensor:
+def class_scores(query: torch.Tensor, protos: torch.Tensor, scale: float, chunk: int = SCORE_CHUNK) -> torch.Tensor:
     """Per-voxel score of one class: softmax-weighted scaled cosine similarity to its prototypes.
+
+    Without gradients (prediction), prototypes are taken `chunk` at a time with a running maximum (the streaming
+    softmax), so memory is `(Q, chunk, *S)` whatever P; with gradients (training) in one go.
 
     Args:
         query: `(Q, F, *S)`; protos: `(P, F)`, P >= 1.
@@ -95,8 +100,33 @@ def class_scores(query: torch.Tensor, protos: torch.Tensor, scale: float) -> tor
     Returns:
         `(Q, *S)`.
     """
-    sims = scale * torch.einsum("qf...,pf->qp...", F.normalize(query, dim=1), F.normalize(protos, dim=1, eps=EPS))
-    return (sims.softmax(dim=1) * sims).sum(dim=1)
+    q, p = F.normalize(query, dim=1), F.normalize(protos, dim=1, eps=EPS)
+    if torch.is_grad_enabled() or len(p) <= chunk:
+        sims = scale * torch.einsum("qf...,pf->qp...", q, p)
+        return (sims.softmax(dim=1) * sims).sum(dim=1)
+    top = num = den = None
+    for start in range(0, len(p), chunk):
+        sims = scale * torch.einsum("qf...,pf->qp...", q, p[start:start + chunk])
+        m = sims.amax(dim=1)
+        if top is None:
+            top, num, den = m, torch.zeros_like(m), torch.zeros_like(m)
+        new = torch.maximum(top, m)
+        rescale = torch.exp(top - new)
+        w = torch.exp(sims - new.unsqueeze(1))
+        num, den, top = num * rescale + (w * sims).sum(dim=1), den * rescale + w.sum(dim=1), new
+    return num / den
+
+
+def cap_prototypes(protos: torch.Tensor, cap: int = PROTOTYPE_CAP) -> torch.Tensor:
+    """At most `cap` prototypes `(P', F)`: the global one (row 0) and evenly spaced local ones, deterministic.
+
+    Many support slices give thousands of local prototypes (each slice up to `local_max`), and scoring cost grows
+    with their number; neighbouring windows of neighbouring slices are near duplicates.
+    """
+    if len(protos) <= cap:
+        return protos
+    keep = torch.linspace(1, len(protos) - 1, cap - 1).round().long()
+    return torch.cat([protos[:1], protos[keep]])
 
 
 class ProtoSeg(nn.Module):
@@ -158,7 +188,7 @@ def support_prototypes(model: ProtoSeg, images: list[torch.Tensor], masks: list[
         if model.use_local:
             parts += [local_prototypes(f, mask_of(m.float()), model.local_pool, model.local_threshold,
                                        model.local_max) for f, m in zip(feats, masks, strict=True)]
-    return torch.cat(bg_parts), torch.cat(fg_parts)
+    return cap_prototypes(torch.cat(bg_parts)), cap_prototypes(torch.cat(fg_parts))
 
 
 def proto_predictor(model: ProtoSeg, bg: torch.Tensor, fg: torch.Tensor,
