@@ -59,6 +59,22 @@ def _index(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decathlon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", type=Path, help="folder tree with DICOM series and label objects (SEG, RTSTRUCT, NIfTI)")
+    p.add_argument("--out", type=Path, required=True, help="Decathlon folder to create (must not exist)")
+    p.add_argument("--salt", default=None, help="patient-key salt of the case names (default: env FEWSCAN_SALT)")
+    p.add_argument("--workers", type=int, default=0, help="header-reading processes (default: in-process)")
+
+
+def _decathlon(args: argparse.Namespace) -> int:
+    from datasets.to_decathlon import tree_to_decathlon
+
+    spec = tree_to_decathlon(args.root, args.out, salt=args.salt, workers=args.workers)
+    names = [n for k, n in spec["labels"].items() if k != "0"]
+    print(f"{spec['numTraining']} labelled series -> {args.out} (structures: {', '.join(names)})")
+    return 0
+
+
 # --- convert -------------------------------------------------------------------------------------------
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", type=Path, help="DICOM series folder or file, SEG/RTSTRUCT file, or label map")
@@ -333,6 +349,7 @@ def _predict(args: argparse.Namespace) -> int:
 VERBS: dict[str, Verb] = {
     "synth": (_synth_args, _synth),
     "index": (_index_args, _index),
+    "decathlon": (_decathlon_args, _decathlon),
     "convert": (_convert_args, _convert),
     "patches": (_patches_args, _patches),
     "train": (_train_args, _train),
@@ -363,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
 VERB_HELP: dict[str, str] = {
     "synth": "write the seeded synthetic TCIA-style demo cohort (DICOM + NIfTI + findings.csv)",
     "index": "index a folder tree into a manifest CSV",
+    "decathlon": "write a segmentation training folder (Decathlon layout) from labelled DICOM series",
     "convert": "convert a DICOM series, SEG, RTSTRUCT or label map to NIfTI (dcm2niix-equivalent geometry)",
     "patches": "cut 2D organ patches from labelled volumes into a classification npz (pseudo-patient z-slab groups)",
     "train": "meta-train from a YAML config into a run directory",
