@@ -90,3 +90,60 @@ def test_resume_without_a_checkpoint_is_one_line_and_exit_2(config: str, tmp_pat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing to resume" in err and "Traceback" not in err
     assert not out.exists()  # nothing half-written
+
+
+def _classification_sets(tmp_path: Path) -> list[str]:
+    from test_train import tiny_npz
+
+    return [f"data.root={tiny_npz(tmp_path / 'tiny.npz')}", "split.novel=[c5, c6]", "split.validation=[]",
+            "model.encoder=conv4_2d", "model.filters=4", "model.norm_groups=2", "ways=2", "shots=1", "queries=2",
+            "train.iterations=4", "train.log_every=1", "train.checkpoint_every=1", "train.device=cpu",
+            "train.tensorboard=false"]
+
+
+def test_resume_refuses_a_changed_config_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    from conftest import folder_bytes
+
+    from pipeline.classification.train import train
+
+    config, sets = REPO / "configs" / "classify_protonet.yaml", _classification_sets(tmp_path)
+    part = tmp_path / "part"
+    train(load_config(config, sets), part, stop_at=2)
+    before = folder_bytes(part)
+    args = ["train", str(config), "--out", str(part), "--resume", *[a for s in sets for a in ("--set", s)]]
+    assert main([*args, "--set", "train.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "0.001" in err and "0.5" in err and "Traceback" not in err
+    assert folder_bytes(part) == before  # config.yaml and the checkpoint untouched
+    # runtime keys may change: a longer schedule resumes
+    assert main([*args, "--set", "train.iterations=5", "--set", "train.threads=1"]) == 0
+    assert json.loads((part / "state.json").read_text())["iterations"] == 5
+
+
+def test_a_kill_during_a_checkpoint_leaves_a_whole_set(tmp_path: Path) -> None:
+    """Killed while writing `last/` (a half-written staging folder) or between its two renames (only the old set,
+    moved aside): resume starts from a consistent set and ends bit-identical to an uninterrupted run."""
+    import shutil
+
+    from pipeline.classification.train import train
+
+    config, sets = REPO / "configs" / "classify_protonet.yaml", _classification_sets(tmp_path)
+    full = train(load_config(config, sets), tmp_path / "full")
+    args = lambda out: ["train", str(config), "--out", str(out), "--resume",  # noqa: E731
+                        *[a for s in sets for a in ("--set", s)]]
+    # killed while writing iteration 3's set: iteration 2's `last/` is whole, a partial staging folder lies beside
+    a = tmp_path / "a"
+    train(load_config(config, sets), a, stop_at=2)
+    (a / ".last.new").mkdir()
+    shutil.copy(a / "last" / "model.safetensors", a / ".last.new" / "model.safetensors")
+    assert main(args(a)) == 0
+    assert_same_weights(full / "model.safetensors", a / "model.safetensors")
+    assert not (a / ".last.new").exists()
+    # killed between the renames: no `last/`, the previous set moved aside
+    b = tmp_path / "b"
+    train(load_config(config, sets), b, stop_at=2)
+    (b / "last").rename(b / ".last.old")
+    assert main(args(b)) == 0
+    assert_same_weights(full / "model.safetensors", b / "model.safetensors")
+    assert not (b / ".last.old").exists()

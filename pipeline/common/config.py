@@ -284,6 +284,21 @@ EVAL_KEYS: dict[str, tuple[str, ...]] = {
                      "registration.adapt_lr"),
 }
 EVAL_RUNTIME_KEYS = ("train.device", "train.threads")  # change no number, so no separate report
+# What `train --resume` may change: where and how fast it runs, how often it logs, and how long it goes on.
+RESUME_KEYS = (*EVAL_RUNTIME_KEYS, "train.iterations", "train.log_every", "train.checkpoint_every",
+               "train.tensorboard", "episodes.workers", "episodes.prefetch")
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config mappings (`to_dict`), nested keys spelled out."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, f"{name}.")
+        elif a != b:
+            keys.append(name)
+    return keys
 
 
 def evaluation_tag(overrides: list[str], task: str) -> str:

@@ -19,6 +19,7 @@ weights.
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import time
@@ -39,6 +40,7 @@ from pipeline.common.report import plot_curves, write_json
 from pipeline.common.run import (
     load_checkpoint,
     pick_device,
+    recover_checkpoint,
     save_checkpoint,
     save_weights,
     seed_everything,
@@ -116,6 +118,8 @@ def begin(cfg: Config, run_dir: Path, resume: bool = False, device: torch.device
     world, device = distributed.init(device or pick_device(cfg.train.device))
     run_dir = Path(run_dir)
     resuming = check_resume(run_dir, resume)
+    if resuming:
+        check_resume_config(cfg, run_dir)
     if world.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -130,10 +134,44 @@ def check_resume(run_dir: Path, resume: bool) -> bool:
     Raises:
         FewscanError: `resume` and no checkpoint.
     """
+    if Path(run_dir).is_dir():
+        recover_checkpoint(Path(run_dir) / "last")
     resuming = (Path(run_dir) / "last" / "state.json").is_file()
     if resume and not resuming:
         raise FewscanError(f"{run_dir}: nothing to resume (no last/state.json)")
     return resuming
+
+
+def check_resume_config(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume under a config that differs from the checkpoint's in anything but `RESUME_KEYS`: the
+    restored weights, optimiser and RNG states belong to the old one (`--set train.lr=0.5` was silently accepted
+    while the optimiser kept its old rate).
+
+    Raises:
+        FewscanError: naming the differing keys and both values of the first.
+    """
+    from pipeline.common.config import RESUME_KEYS, config_differences
+
+    try:
+        saved = json.loads((Path(run_dir) / "last" / "state.json").read_text()).get("config")
+    except (OSError, ValueError) as err:
+        raise FewscanError(f"{run_dir}/last/state.json: cannot read the checkpoint ({err})") from None
+    if not isinstance(saved, dict):
+        return  # a checkpoint written before configs were recorded in it
+    now = to_dict(cfg)
+    changed = [k for k in config_differences(saved, now) if k not in RESUME_KEYS]
+    if changed:
+        first = changed[0]
+        old, new = _lookup(saved, first), _lookup(now, first)
+        raise FewscanError(f"{run_dir}: cannot resume with a changed config: {', '.join(changed)} differ "
+                           f"({first}: {old!r} in the checkpoint, {new!r} now); only {', '.join(RESUME_KEYS)} "
+                           "may change on --resume")
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def fresh_state(task: Task) -> dict[str, Any]:

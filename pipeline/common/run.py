@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,43 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 def save_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | None, state: dict[str, Any],
                     extra: dict[str, Any] | None = None) -> None:
     """`folder/model.safetensors`, `optimizer.safetensors` (its tensors; none without `opt`), `extra.safetensors`
-    (the tensors of `extra`, a task's own state) and `state.json` (everything else, RNG states included)."""
+    (the tensors of `extra`, a task's own state) and `state.json` (everything else, RNG states included).
+
+    The files are a set: they are written into a new sibling folder, which then replaces `folder` (the old one is
+    moved aside first and removed last; `recover_checkpoint` puts it back if a kill falls between the two
+    renames). A kill while writing leaves the previous checkpoint whole, never a model from one iteration with
+    the state of another.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.new")  # mkdir, not mkdtemp: the umask's permissions
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _write_checkpoint(staging, model, opt, state, extra)
+        old = folder.with_name(f".{folder.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if folder.exists():
+            folder.rename(old)
+        staging.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def recover_checkpoint(folder: Path) -> None:
+    """Put back the previous checkpoint set when a kill fell between `save_checkpoint`'s two renames, and drop
+    half-written staging folders."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and (old / "state.json").is_file():
+        old.rename(folder)
+    shutil.rmtree(folder.with_name(f".{folder.name}.new"), ignore_errors=True)
+
+
+def _write_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer | None, state: dict[str, Any],
+                      extra: dict[str, Any] | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_weights(model, folder / "model.safetensors")
     record: dict[str, Any] = {**state, "rng": rng_state()}
