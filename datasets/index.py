@@ -332,6 +332,9 @@ def join_findings(
         targets = _finding_targets(f, sop_to_series, series_patient, salt)
         unmatched += not targets
         extra = {k: v for k, v in f.items() if raw_ids or k not in RAW_ID_COLUMNS}
+        raw = next((f[c] for c in RAW_ID_COLUMNS if f.get(c)), "")
+        if raw and not raw_ids:  # e.g. lesion_id "PAT-0042-L1": the ID inside another column, pseudonymised too
+            extra = {k: v.replace(raw, patient_key(raw, salt)) if isinstance(v, str) else v for k, v in extra.items()}
         for uid in targets:
             by_series.setdefault(uid, []).append(extra)
     if unmatched:

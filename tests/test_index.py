@@ -133,3 +133,19 @@ def test_seg_and_rtstruct_rows_link_to_their_series(shared_data: Path, tmp_path:
     assert {json.loads(r["label_names"])["1"] for r in segs} == {"Liver", "GREEN"}
     rt = [r for r in index_tree(shared_data / "rtutils_phantom") if r["kind"] == "rtstruct"]
     assert len(rt) == 3 and sum(bool(r["labels_for"]) for r in rt) == 2  # one has no series reference
+
+
+def test_patient_ids_inside_other_finding_columns_are_pseudonymised(tmp_path: Path) -> None:
+    """TCIA-style lesion ids embed the patient ID ("SYN0001-L1"): without --raw-ids the manifest holds the salted
+    key there too, and no column but the file path names the patient."""
+    from datasets.index import index_tree, patient_key
+    from pipeline.__main__ import main
+
+    assert main(["synth", str(tmp_path / "c"), "--patients", "2", "--seed", "3"]) == 0
+    rows = index_tree(tmp_path / "c", labels=tmp_path / "c" / "findings.csv", salt="s")
+    lesions = [r for r in rows if r.get("lesion_id")]
+    assert lesions and all("SYN" not in v for r in rows for k, v in r.items() if k != "path")
+    assert lesions[0]["lesion_id"].startswith(patient_key("SYN0001", "s")) or \
+        lesions[0]["lesion_id"].startswith(patient_key("SYN0002", "s"))
+    raw = index_tree(tmp_path / "c", labels=tmp_path / "c" / "findings.csv", salt="s", raw_ids=True)
+    assert any(r.get("lesion_id", "").startswith("SYN") for r in raw)
