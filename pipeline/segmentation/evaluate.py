@@ -345,6 +345,8 @@ def summary_table(report: dict[str, Any]) -> str:
              f"{b['seconds_per_query']:.2f}"] for name, b in blocks.items()]
     notes = [f"  {report['method']} {s}: Dice {ci_text(m['dice'])}" for s, m in report["per_structure"].items()]
     notes += paired_lines(report, report["method"], {k: k.removeprefix("baseline_") for k in report.get("paired", {})})
+    how = ("label propagation, registration trained on images only" if report["method"] == "propagate" else
+           f"{report['supervision']}-supervised {report['method']}")
     return text_table(f"{report['shots']}-shot {report['mode']} segmentation of {report['structures']}, "
-                      f"{report['episodes']} episodes ({report['supervision']}-supervised {report['method']}); "
-                      "mean [95% CI]", ["method", "Dice", "HD95 mm", "s/query"], rows, notes)
+                      f"{report['episodes']} episodes ({how}); mean [95% CI]",
+                      ["method", "Dice", "HD95 mm", "s/query"], rows, notes)
