@@ -80,12 +80,7 @@ def read_support(spec: Path, cfg: Config, manifest: Path | None = None) -> list[
         where = _series_paths(manifest) if "path" not in header else {}
         rows = []
         for n, row in enumerate(table, start=2):
-            centre = None
-            if all(row.get(c) not in (None, "") for c in cfg.data.center_columns):
-                try:
-                    centre = [float(row[c]) for c in cfg.data.center_columns]
-                except ValueError:
-                    raise InputError(spec, f"line {n}: centre {cfg.data.center_columns} is not numeric") from None
+            centre = row_centre(row, cfg, spec, n)
             if "path" in header:
                 item = (spec.parent / row["path"]).resolve()
             elif row["series_uid"] in where:
@@ -98,6 +93,20 @@ def read_support(spec: Path, cfg: Config, manifest: Path | None = None) -> list[
     if not rows:
         raise InputError(spec, "no support items found")
     return rows
+
+
+def row_centre(row: dict[str, str], cfg: Config, spec: Path, n: int) -> list[float] | None:
+    """The centre of a support or query CSV row (`data.center_columns`), None when any of them is empty.
+
+    Raises:
+        InputError: naming the CSV and line `n`, when a centre value is not numeric.
+    """
+    if not all(row.get(c) not in (None, "") for c in cfg.data.center_columns):
+        return None
+    try:
+        return [float(row[c]) for c in cfg.data.center_columns]
+    except ValueError:
+        raise InputError(spec, f"line {n}: centre {cfg.data.center_columns} is not numeric") from None
 
 
 def _series_paths(manifest: Path | None) -> dict[str, Path]:
@@ -242,13 +251,7 @@ def read_queries(spec: Path, cfg: Config) -> list[tuple[Path, list[float] | None
                          f"{cfg.data.center_columns})")
     rows = []
     for n, row in enumerate(table, start=2):
-        centre = None
-        if all(row.get(c) not in (None, "") for c in cfg.data.center_columns):
-            try:
-                centre = [float(row[c]) for c in cfg.data.center_columns]
-            except ValueError:
-                raise InputError(spec, f"line {n}: centre {cfg.data.center_columns} is not numeric") from None
-        rows.append(((spec.parent / row["path"]).resolve(), centre))
+        rows.append(((spec.parent / row["path"]).resolve(), row_centre(row, cfg, spec, n)))
     return rows
 
 
