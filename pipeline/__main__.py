@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -272,25 +271,16 @@ def _register(args: argparse.Namespace) -> int:
 
 # --- demo --------------------------------------------------------------------------------------------
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the cohort and the run")
-    _set_argument(p, "override values of configs/demo.yaml")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the cohorts and the runs")
+    p.add_argument("--task", choices=["all", "classification", "segmentation", "registration"], default="all",
+                   help="which journey to run (default all: the three task kinds, then adapt + predict)")
+    _set_argument(p, "override values of the classification demo config (configs/demo.yaml)")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from datasets.synth import write_cohort
-    from pipeline.classification.evaluate import evaluate, summary_table
-    from pipeline.classification.train import train
-    from pipeline.common.config import load_config
+    from pipeline.demo import run_demo
 
-    start = time.perf_counter()
-    data = args.out / "data"
-    if not (data / "findings.csv").is_file():
-        print(write_cohort(data, seed=0))
-    cfg = load_config(REPO / "configs" / "demo.yaml", [f"data.root={data}", *args.overrides])
-    run_dir = train(cfg, args.out / "run")
-    report = evaluate(run_dir)
-    print(summary_table(report))
-    print(f"report: {run_dir / 'report.json'}  ({time.perf_counter() - start:.0f} s)")
+    print(run_demo(args.out, args.task, args.overrides))
     return 0
 
 
@@ -389,7 +379,7 @@ VERB_HELP: dict[str, str] = {
     "adapt": "adapt a trained run to new classes from a few labelled scans (support CSV or class folders)",
     "predict": "per-class probabilities for scans from a model written by `adapt`",
     "register": "warp a moving image (and labels) onto a fixed one with a registration run; ITK displacement field",
-    "demo": "synth + train + evaluate on the embedded synthetic cohort, then print a summary",
+    "demo": "the three task kinds (and adapt + predict) end to end on embedded synthetic data, then a summary",
 }
 
 if __name__ == "__main__":
