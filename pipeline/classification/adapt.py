@@ -78,21 +78,26 @@ def read_support(spec: Path, cfg: Config, manifest: Path | None = None) -> list[
             raise InputError(spec, f"a support CSV needs a label column ('label' or '{cfg.data.label_column}') and "
                              "'path' (or the 'series_uid' of a findings CSV)")
         where = _series_paths(manifest) if "path" not in header else {}
-        rows = []
-        for n, row in enumerate(table, start=2):
-            centre = row_centre(row, cfg, spec, n)
-            if "path" in header:
-                item = (spec.parent / row["path"]).resolve()
-            elif row["series_uid"] in where:
-                item = where[row["series_uid"]]
-            else:
-                raise InputError(spec, f"line {n}: its series is not in the run's manifest.csv; index the new "
-                                 "scans (python -m pipeline index ROOT --labels THIS.csv --out manifest.csv) and "
-                                 "pass that manifest as --support")
-            rows.append((item, row[label], centre))
+        rows = [(row_item(row, spec, n, where), row[label], row_centre(row, cfg, spec, n))
+                for n, row in enumerate(table, start=2)]
     if not rows:
         raise InputError(spec, "no support items found")
     return rows
+
+
+def row_item(row: dict[str, str], spec: Path, n: int, where: dict[str, Path]) -> Path:
+    """The scan of a support or query CSV row: its `path` (relative to the CSV), else its `series_uid` in `where`.
+
+    Raises:
+        InputError: naming the CSV and line `n`, when the series is not in the run's manifest.
+    """
+    if row.get("path"):
+        return (spec.parent / row["path"]).resolve()
+    if row.get("series_uid") in where:
+        return where[row["series_uid"]]
+    raise InputError(spec, f"line {n}: its series is not in the run's manifest.csv; index the new scans "
+                     "(python -m pipeline index ROOT --labels THIS.csv --out manifest.csv) and name each scan's "
+                     "folder in a 'path' column")
 
 
 def row_centre(row: dict[str, str], cfg: Config, spec: Path, n: int) -> list[float] | None:
@@ -233,12 +238,14 @@ def adapt(run_or_checkpoint: Path, support: Path, out: Path) -> dict[str, Any]:
     return summary
 
 
-def read_queries(spec: Path, cfg: Config) -> list[tuple[Path, list[float] | None]]:
-    """(item path, centre or None) rows of a query CSV: column `path` (relative to the CSV) and optionally the
-    run's centre columns (`data.center_columns`); a support CSV (its `label` column ignored) is one too.
+def read_queries(spec: Path, cfg: Config, manifest: Path | None = None) -> list[tuple[Path, list[float] | None]]:
+    """(item path, centre or None) rows of a query CSV: column `path` (relative to the CSV), or the `series_uid` of
+    a findings CSV looked up in `manifest` (the run's), and optionally the run's centre columns
+    (`data.center_columns`); a support CSV (its label column ignored) is one too.
 
     Raises:
-        InputError: naming the CSV: unreadable, no `path` column, a non-numeric centre, or no rows.
+        InputError: naming the CSV: unreadable, no `path` or `series_uid` column, a series not in the manifest, a
+            non-numeric centre, or no rows.
     """
     spec = Path(spec)
     try:
@@ -246,13 +253,11 @@ def read_queries(spec: Path, cfg: Config) -> list[tuple[Path, list[float] | None
             table = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise InputError(spec, f"cannot read the query CSV: {err}") from None
-    if not table or "path" not in table[0]:
-        raise InputError(spec, "a query CSV needs a header with a 'path' column (and optionally "
-                         f"{cfg.data.center_columns})")
-    rows = []
-    for n, row in enumerate(table, start=2):
-        rows.append(((spec.parent / row["path"]).resolve(), row_centre(row, cfg, spec, n)))
-    return rows
+    if not table or not set(table[0]) & {"path", "series_uid"}:
+        raise InputError(spec, "a query CSV needs a header with a 'path' column (or the 'series_uid' of a findings "
+                         f"CSV) and optionally {cfg.data.center_columns}")
+    where = _series_paths(manifest) if "path" not in table[0] else {}
+    return [(row_item(row, spec, n, where), row_centre(row, cfg, spec, n)) for n, row in enumerate(table, start=2)]
 
 
 def predict(adapted: Path, inputs: list[Path], centre: list[float] | None = None, queries: Path | None = None,
@@ -267,7 +272,9 @@ def predict(adapted: Path, inputs: list[Path], centre: list[float] | None = None
         raise InputError(adapted, "not an adapted folder (no adapted.json); run `adapt` first")
     summary = json.loads((adapted / "adapted.json").read_text())
     cfg, model, _ = _model(adapted, adapted / "model.safetensors")
-    rows = [(Path(p), centre) for p in inputs] + (read_queries(queries, cfg) if queries is not None else [])
+    rows = [(Path(p), centre) for p in inputs]
+    if queries is not None:  # a findings CSV's series_uid rows are found in the run's manifest, as for `adapt`
+        rows += read_queries(queries, cfg, Path(summary["run"]) / "manifest.csv")
     if not rows:
         raise FewscanError("no inputs: name scans or give --queries CSV")
     items = [load_item(p, cfg, tuple(summary["item_shape"]), c, whole_volume)[None] for p, c in rows]
