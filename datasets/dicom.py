@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,11 +28,12 @@ from typing import cast
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from datasets.dicom_fast import Header, read_header
 from datasets.dicom_frames import Frame, frames_of, is_image
 from datasets.dicom_geometry import Stack, plan_stacks, regularise
+from datasets.guard import malformed
 from datasets.volume import InputError, Volume, canonical
 from datasets.world import LPS_TO_RAS
 
@@ -58,7 +60,9 @@ def list_files(path: Path | Sequence[Path]) -> list[Path]:
 
 def read_dataset(path: Path, *, pixels: bool = True) -> Dataset | None:
     """Parse one file with pydicom; ``None`` (logged at debug level) when it is not DICOM."""
-    errors = (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError)
+    # the last three: an unknown VR or odd-length value in a damaged file's meta header, read eagerly
+    errors = (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError,
+              NotImplementedError, BytesLengthException, struct.error)
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except InvalidDicomError:
@@ -109,11 +113,12 @@ def read_series(
         ds = (read_header(file) if fast else None) or read_dataset(file)
         if ds is None:
             continue
-        if not is_image(ds):
-            log.debug("skipping %s: not an image (Modality %s)", file, ds.get("Modality", "?"))
-            labels.append(str(ds.get("Modality", "?")))
-            continue
-        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), {})[str(file)] = ds
+        with malformed(file, "DICOM header"):
+            if not is_image(ds):
+                log.debug("skipping %s: not an image (Modality %s)", file, ds.get("Modality", "?"))
+                labels.append(str(ds.get("Modality", "?")))
+                continue
+            groups.setdefault(str(ds.get("SeriesInstanceUID", "")), {})[str(file)] = ds
     if not groups:
         if labels:
             raise InputError(where, f"holds no image, only {sorted(set(labels))} object(s); label objects need "
@@ -127,7 +132,10 @@ def read_series(
     if uid not in groups:
         raise InputError(where, f"series {uid} not found; choices: {describe(groups)}")
     datasets = groups[uid]
-    frames = [f for file, ds in datasets.items() for f in frames_of(ds, Path(file))]
+    frames = []
+    for file, ds in datasets.items():
+        with malformed(file, "DICOM header"):
+            frames += frames_of(ds, Path(file))
     return uid, frames, datasets
 
 
@@ -135,14 +143,20 @@ def describe(groups: dict[str, dict[str, Parsed]]) -> str:
     """One-line summary of several series: ``UID (modality, N files, description); ...``."""
     parts = []
     for uid, items in groups.items():
-        ds = next(iter(items.values()))
-        desc = str(ds.get("SeriesDescription", "")).strip()
-        parts.append(f"{uid} ({ds.get('Modality', '?')}, {len(items)} files{', ' + desc if desc else ''})")
+        file, ds = next(iter(items.items()))
+        with malformed(file, "DICOM header"):
+            desc = str(ds.get("SeriesDescription", "")).strip()
+            parts.append(f"{uid} ({ds.get('Modality', '?')}, {len(items)} files{', ' + desc if desc else ''})")
     return "; ".join(parts)
 
 
 def decode(ds: Parsed, file: str) -> np.ndarray:
     """Stored pixel values of a dataset: ``(rows, cols)`` or ``(frames, rows, cols)``; InputError if undecodable."""
+    with malformed(file, "DICOM pixel module"):
+        return _decode(ds, file)
+
+
+def _decode(ds: Parsed, file: str) -> np.ndarray:
     if isinstance(ds, Header):
         raw = ds.pixels()
         if raw is not None:
@@ -191,7 +205,11 @@ def _native_pixels(ds: Dataset) -> np.ndarray | None:
 def stack_array(stack: Stack, datasets: dict[str, Parsed]) -> np.ndarray:
     """Decode and scale a stack: float32 ``(columns, rows, K)`` or ``(columns, rows, K, T)``."""
     files = list(dict.fromkeys(f.file for column in stack.grid for f in column))
-    compressed = [f for f in files if _is_compressed(datasets[f])]
+    compressed = []
+    for f in files:
+        with malformed(f, "DICOM transfer syntax"):
+            if _is_compressed(datasets[f]):
+                compressed.append(f)
     decoded: dict[str, np.ndarray] = {}
     if len(compressed) > 1:
         # the JPEG 2000 / JPEG-LS / JPEG codecs release the GIL: decode files side by side
@@ -240,6 +258,11 @@ def _plane(arr: np.ndarray, f: Frame) -> np.ndarray:
 
 def series_meta(uid: str, stack: Stack, datasets: dict[str, Parsed]) -> dict:
     """Provenance kept with a volume (no patient identifiers)."""
+    with malformed(stack.first.file, "DICOM header"):
+        return _series_meta(uid, stack, datasets)
+
+
+def _series_meta(uid: str, stack: Stack, datasets: dict[str, Parsed]) -> dict:
     ds = datasets[stack.first.file]
     meta = {
         "modality": str(ds.get("Modality", "")),

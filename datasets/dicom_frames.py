@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from datasets.guard import MAX_FRAMES, check_size
 from datasets.volume import InputError
 
 NON_IMAGE_MODALITIES = {"RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "SEG", "REG", "DOC"}
@@ -88,7 +89,7 @@ def frames_of(ds: Dataset, file: Path) -> list[Frame]:
     stack = _stack_key(iop, rows, cols, spacing, _num(ds.get("EchoNumbers")), image_type)
     order = (_num(ds.get("TemporalPositionIdentifier")), _num(ds.get("AcquisitionNumber")),
              _num(ds.get("TriggerTime")), _num(ds.get("DiffusionBValue")), _num(ds.get("InstanceNumber")))
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = checked_frames(ds, file, int(ds.get("NumberOfFrames", 1) or 1), rows, cols)
     n_mosaic = mosaic_count(ds)
     base = {"file": str(file), "iop": tuple(iop.ravel()), "spacing": tuple(spacing), "slope": slope,
             "intercept": intercept, "thickness": _thickness(ds), "assumed": assumed}
@@ -102,6 +103,27 @@ def frames_of(ds: Dataset, file: Path) -> list[Frame]:
         offsets = [i * step for i in range(n_frames)]
     return [Frame(index=i, rows=rows, cols=cols, ipp=tuple(ipp + offsets[i] * normal), stack=stack,
                   order=(*order, float(i)), **base) for i in range(n_frames)]
+
+
+def checked_frames(ds: Dataset, file: Path, n_frames: int, rows: int, cols: int) -> int:
+    """`n_frames`, once it is plausible: at most `MAX_FRAMES`, within the memory limit as float32, and, for native
+    pixel data, within the bytes the file holds (a 10 KB file claiming 10^9 frames is refused before one Frame
+    object is built).
+
+    Raises:
+        InputError: naming the file and the declared count.
+    """
+    if not 0 < n_frames <= MAX_FRAMES:
+        raise InputError(file, f"declares NumberOfFrames {n_frames} (expected 1 to {MAX_FRAMES})")
+    check_size(file, (n_frames, rows, cols), 4, "DICOM pixel array")
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    native = syntax in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+    stored = n_frames * rows * cols * int(ds.get("BitsAllocated", 8) or 8) // 8
+    size = Path(file).stat().st_size if Path(file).is_file() else None
+    if native and size is not None and stored > 2 * size + 4096:  # bit-packed or odd files get slack
+        raise InputError(file, f"declares {n_frames} frames of {rows}x{cols} ({stored} bytes of pixel data) but "
+                         f"the file holds {size} bytes")
+    return n_frames
 
 
 def mosaic_count(ds: Dataset) -> int:
@@ -159,7 +181,8 @@ def _enhanced_frames(ds: Dataset, file: Path) -> list[Frame]:
     """Frames of an enhanced (functional-group) multi-frame image."""
     shared = (ds.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    n_frames = int(ds.get("NumberOfFrames", len(per_frame)) or len(per_frame))
+    n_frames = checked_frames(ds, file, int(ds.get("NumberOfFrames", len(per_frame)) or len(per_frame)),
+                              int(ds.Rows), int(ds.Columns))
     if len(per_frame) != n_frames:
         raise InputError(file, f"{n_frames} frames but {len(per_frame)} per-frame functional groups")
     rows, cols = int(ds.Rows), int(ds.Columns)

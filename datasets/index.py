@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 from datasets import dicom
 from datasets.dicom_frames import Frame, frames_of, is_image
 from datasets.dicom_geometry import plan_stacks
+from datasets.guard import malformed
 from datasets.volume import InputError, atomic_path
 from datasets.volume_io import VOLUME_SUFFIXES, load_volume, read_sidecar
 from datasets.world import LPS_TO_RAS, sitk_ras_affine
@@ -66,9 +67,14 @@ def summarise_file(path: Path, salt: str | None) -> dict[str, Any] | None:
     ds = dicom.read_dataset(path, pixels=False)
     if ds is None:
         return None
-    summary = header_summary(ds, path)
-    if summary is not None:
-        summary["patient_key"] = patient_key(str(ds.get("PatientID", "")), salt)
+    try:
+        with malformed(path, "DICOM header"):
+            summary = header_summary(ds, path)
+            if summary is not None:
+                summary["patient_key"] = patient_key(str(ds.get("PatientID", "")), salt)
+    except InputError as err:  # one damaged file does not stop indexing the tree
+        log.warning("skipping %s", err)
+        return None
     return summary
 
 

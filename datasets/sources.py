@@ -7,6 +7,7 @@ Everything here turns files into arrays or `Volume`s and names; nothing is resam
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from datasets.guard import check_size, check_stored, malformed
 from datasets.volume import InputError, Volume
 
 NPZ_PARTS = ("train", "val", "test")  # MedMNIST's keys: `<part>_images`, `<part>_labels`
@@ -79,6 +81,25 @@ def channels_first(images: np.ndarray, path: Path) -> np.ndarray:
     raise InputError(path, f"images of shape {images.shape}: expected (M, H, W[, C]) or (M, I, J, K)")
 
 
+def check_npz(npz: Any, path: Path) -> None:
+    """Read every member's npy header (shape, dtype) and refuse object arrays, a total above the memory limit, or a
+    member that declares far more bytes than it stores, before any array is inflated."""
+    total = 0
+    for name in npz.files:
+        info = npz.zip.getinfo(f"{name}.npy")
+        with npz.zip.open(info) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+        if dtype.hasobject:
+            raise InputError(path, f"array {name!r} holds Python objects (dtype {dtype}); save plain numeric or "
+                             "string arrays")
+        declared = math.prod(shape) * dtype.itemsize
+        check_stored(path, declared, info.compress_size, info.compress_type != 0, f"array {name!r}")
+        total += declared
+    check_size(path, (total,), 1, "set of arrays")
+
+
 def load_npz(path: Path, parts: Iterable[str] | None = None) -> ArraySet:
     """Read a MedMNIST-style npz (`train_images`, `train_labels`, `val_*`, `test_*`) or one with `images`,
     `labels`, optional `class_names` and `groups` (patient or source keys for patient-disjoint splits).
@@ -92,7 +113,8 @@ def load_npz(path: Path, parts: Iterable[str] | None = None) -> ArraySet:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise InputError(path, f"cannot read npz: {err}") from None
-    with npz:
+    with npz, malformed(path, "npz file"):
+        check_npz(npz, path)
         names = _class_names(npz, path)
         if "images" in npz.files:
             if "labels" not in npz.files:

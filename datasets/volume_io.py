@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 
+from datasets.guard import check_size, check_stored, malformed
 from datasets.volume import InputError, Volume, atomic_path, canonical
 from datasets.world import sitk_ras_affine
 
@@ -29,13 +31,25 @@ def load_nifti(path: Path) -> Volume:
     """NIfTI via nibabel (scaling applied, float32), canonical RAS+."""
     try:
         img = nib.load(path)
+        # the header's shape, before a byte is decoded: scaled data comes back as float64, the rest goes on as
+        # float32 at least
+        shape = img.header.get_data_shape()
+        scaled = getattr(img.dataobj, "slope", 1.0) != 1.0 or getattr(img.dataobj, "inter", 0.0) != 0.0
+        check_size(path, shape, 8 if scaled else max(4, img.header.get_data_dtype().itemsize))
+        declared = math.prod(shape) * img.header.get_data_dtype().itemsize
+        offset = int(img.header.get("vox_offset", 352)) if hasattr(img.header, "get") else 352
+        gz = str(path).lower().endswith(".gz")
+        check_stored(path, declared, Path(path).stat().st_size - (0 if gz else offset), gz, "voxel data")
         array = np.asarray(img.dataobj)
+    except InputError:
+        raise
     except Exception as err:  # nibabel raises many types for truncated / foreign files
         raise InputError(path, f"not a readable NIfTI file: {str(err).splitlines()[0] if str(err) else err!r}") from err
     affine = img.affine
     if array.ndim > 4:
         array = array.reshape(array.shape[:3] + (-1,))
-    return _checked(path, array, affine, {"source_format": "nifti"})
+    with malformed(path, "NIfTI header"):
+        return _checked(path, array, affine, {"source_format": "nifti"})
 
 
 def load_itk(path: Path) -> Volume:
@@ -43,7 +57,11 @@ def load_itk(path: Path) -> Volume:
     import SimpleITK as sitk
 
     try:
-        img = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()  # the header only: check the declared size before reading the pixels
+        check_size(path, reader.GetSize(), 8 * reader.GetNumberOfComponents())
+        img = reader.Execute()
     except RuntimeError as err:
         raise InputError(path, f"not a readable image file: {str(err).strip().splitlines()[-1]}") from err
     if img.GetNumberOfComponentsPerPixel() != 1:
@@ -54,7 +72,8 @@ def load_itk(path: Path) -> Volume:
     affine = sitk_ras_affine(img)
     if array.ndim == 2:
         array = array[:, :, None]
-    return _checked(path, array, affine, {"source_format": path.suffix.lstrip(".").lower()})
+    with malformed(path, "image header"):
+        return _checked(path, array, affine, {"source_format": path.suffix.lstrip(".").lower()})
 
 
 def _checked(path: Path, array: np.ndarray, affine: np.ndarray, meta: dict) -> Volume:
