@@ -192,22 +192,45 @@ def build_task(cfg: Config, session: loop.Session, data: ClassData) -> loop.Task
                   torch.tensor([base_index[c] for c in dataset.episode(it * meta_batch + t).classes], device=device))
                  for t, (sx, sy, qx, qy) in enumerate(episodes)]
         opt.zero_grad(set_to_none=True)
+        model.meta_iteration = it  # for schedules over training (MAML++'s multi-step loss weights)
         loss_sum, correct, count = meta_step(model, tasks, ways, cfg, world)
         distributed.all_reduce_grads(model, world)
         opt.step()
         loss_sum, correct, count = all_sum([loss_sum, correct, count], world)
         return {"loss": loss_sum, "correct": correct, "count": count, "tasks": meta_batch}
 
-    validate = None
+    validate, untrained = None, {}
     if data.val_items is not None:
         val_items = data.val_items
         val_episodes = EpisodeSampler(val_items.labels, val_items.groups, data.split["validation"], data.val_ways,
                                       ep_cfg.shots, ep_cfg.queries,
                                       seed=stream_seed(cfg.seed, "validation")).fixed(cfg.train.val_episodes)
         validate = partial(validate_accuracy, model, val_items, val_episodes, cfg, device, world)
+        # the model holds its initial weights until the loop starts (a resume loads `last/` only then): the score
+        # training must beat, for the end-of-run warning (`no_gain_warning`)
+        untrained["untrained_validation"] = validate()
     return loop.Task(model, batches, step, opt, metrics=("loss", "accuracy"), summarise=summarise,
                      validate=validate, val_metric="accuracy", record={"split": data.split},
-                     info=lambda: {"items": len(data.items.labels), "item_shape": list(data.items.x.shape[1:])})
+                     info=lambda: {"items": len(data.items.labels), "item_shape": list(data.items.x.shape[1:]),
+                                   **untrained})
+
+
+def no_gain_warning(state: dict[str, Any]) -> str | None:
+    """The end-of-training warning when no validation beat the untrained encoder's validation accuracy.
+
+    Args:
+        state: the run's `state.json`: `best` (the best validation accuracy, None without validation) and
+            `untrained_validation` (absent without validation classes).
+
+    Returns:
+        One line saying what to do, or None (validation improved on untrained, or there was none to compare).
+    """
+    best, untrained = state.get("best"), state.get("untrained_validation")
+    if best is None or untrained is None or best > untrained:
+        return None
+    return (f"validation accuracy never beat the untrained encoder's (best {best:.3f}, untrained {untrained:.3f}): "
+            "check the learning curve, raise train.iterations or lower train.lr, give training more base classes, "
+            "or try configs/classify_finetune.yaml; `evaluate` reports whether the novel classes gained")
 
 
 # --- the entry point ---------------------------------------------------------------------------------------------
@@ -221,4 +244,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
         stop_at: stop after this iteration as if interrupted (writes `last/`; for tests and time-boxed runs).
     """
     session = loop.begin(cfg, run_dir, resume)
-    return loop.run(session, build_task(cfg, session, load_data(cfg, session)), stop_at)
+    loop.run(session, build_task(cfg, session, load_data(cfg, session)), stop_at)
+    final = session.run_dir / "state.json"  # written when the run completes, not at a `stop_at` interruption
+    if session.world.main and (stop_at is None or stop_at >= cfg.train.iterations) and final.is_file():
+        warning = no_gain_warning(json.loads(final.read_text()))
+        if warning:
+            log.warning("WARNING: %s", warning)
+    return session.run_dir

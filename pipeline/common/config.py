@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
@@ -94,10 +94,19 @@ class MethodConfig:
 
     name: Literal["protonet", "matching", "siamese", "maml", "metasgd", "reptile", "finetune"] = "protonet"
     distance: Literal["euclidean", "cosine"] = "euclidean"  # protonet
+    # protonet: scale multiplying the logits; a number fixes it, `learn` meta-learns it (saved with the weights,
+    # starting from the default); null: the default, 10 on the unit sphere (cosine), 5 for Euclidean on normalised
+    # embeddings (the same softmax), 1 for plain Euclidean
+    temperature: Annotated[float, Field(gt=0)] | Literal["learn"] | None = None
+    normalize: bool = False  # protonet: L2-normalise embeddings before prototypes and distances (Meta-Baseline)
     inner_steps: int = Field(default=5, ge=0)  # maml / metasgd / reptile: inner steps in meta-training
     inner_lr: float = Field(default=0.4, gt=0)  # inner step size (metasgd: initial value of the learned ones)
     eval_inner_steps: int | None = Field(default=None, ge=0)  # at evaluation/adapt (default: inner_steps)
     first_order: bool = False  # maml / metasgd: drop second-order terms (memory flat in inner_steps)
+    per_step_lr: bool = False  # maml: learn a step size per inner step and parameter tensor (MAML++), from inner_lr
+    multi_step_loss: bool = False  # maml / metasgd: query loss after every inner step, annealed to the last (MAML++)
+    msl_iterations: int = Field(default=100, ge=1)  # multi_step_loss: meta-iterations until the last step alone counts
+    adapt: Literal["all", "head"] = "all"  # maml / metasgd: inner loop adapts every parameter, or the head (ANIL)
     meta_batch: int = Field(default=1, ge=1)  # tasks per optimiser step
     vmap: bool = False  # maml / metasgd: vectorise the tasks of a meta-batch with torch.func.vmap
     # maml / metasgd on CPU: tasks of a meta-batch in parallel threads; 0: one per core this process may use
@@ -112,7 +121,7 @@ class TrainConfig:
     """Meta-training schedule."""
 
     iterations: int = Field(default=300, ge=0)
-    lr: float = Field(default=1e-3, gt=0)
+    lr: float = Field(default=1e-3, ge=0)  # 0: a control run whose weights stay the untrained ones
     weight_decay: float = Field(default=0.0, ge=0)
     ways: int | None = Field(default=None, ge=2)  # training ways (default: episodes.ways)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -371,6 +380,22 @@ def _check_sections(cfg: Config, source: str) -> None:
         problem = cfg.registration.grid_problem(size)
         if problem is not None:
             raise ConfigError(f"{source}: transforms.volume_size {problem}")
+    _check_method(cfg.method, source)
+
+
+def _check_method(m: MethodConfig, source: str) -> None:
+    """A method option set away from its default for a method that would ignore it is an error, not a no-op."""
+    rules = [  # (key, set, the methods that use it)
+        ("per_step_lr", m.per_step_lr, ("maml",)),  # metasgd learns per-element step sizes already
+        ("multi_step_loss", m.multi_step_loss, ("maml", "metasgd")),
+        ("adapt", m.adapt != "all", ("maml", "metasgd")),
+        ("temperature", m.temperature is not None, ("protonet",)),
+        ("normalize", m.normalize, ("protonet",)),
+    ]
+    for key, used, methods in rules:
+        if used and m.name not in methods:
+            raise ConfigError(f"{source}: method.{key} applies to method.name {' or '.join(methods)}, not {m.name}; "
+                              "remove it or change the method")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -9,6 +9,8 @@ parameters rather than the module itself, so the module is never copied and the 
     fast = adapt(params, loss_fn, steps=5, lr=0.4)                       # second-order (differentiable)
     fast = adapt(params, loss_fn, steps=5, lr=0.4, first_order=True)     # first-order: no graph through grads
     fast = adapt(params, loss_fn, steps=5, lr=lrs)                       # Meta-SGD: lr is a dict of tensors
+    fast = adapt(params, loss_fn, steps=5, lr=[lr0, lr1, ...])           # one step size per step (MAML++)
+    for fast in adapt_steps(params, loss_fn, steps=5, lr=0.4): ...       # the weights after every step
     fast = adapt_inference(params, loss_fn, steps=5, lr=0.4)             # evaluation: no outer graph at all
     query_loss = F.cross_entropy(call(model, fast, query_x), query_y)
     query_loss.backward()                              # meta-gradients land in model.parameters().grad
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -37,6 +39,8 @@ from torch.func import functional_call
 Params = dict[str, Tensor]
 LossFn = Callable[[Params], Tensor]
 StepSize = float | Tensor | Mapping[str, Tensor]
+# One step size for every step, or one per step (a list or tuple; steps past its end repeat its last entry).
+Schedule = StepSize | Sequence[StepSize]
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -50,7 +54,14 @@ def _step_size(lr: StepSize, name: str) -> float | Tensor:
     return lr[name] if isinstance(lr, Mapping) else lr
 
 
-def adapt(params: Mapping[str, Tensor], loss_fn: LossFn, steps: int, lr: StepSize, first_order: bool = False,
+def step_size_at(lr: Schedule, step: int) -> StepSize:
+    """The step size of inner step `step` (from 0): a per-step list's entry (its last past its end), else `lr`."""
+    if isinstance(lr, list | tuple):
+        return lr[min(step, len(lr) - 1)]
+    return lr
+
+
+def adapt(params: Mapping[str, Tensor], loss_fn: LossFn, steps: int, lr: Schedule, first_order: bool = False,
           create_graph: bool | None = None) -> Params:
     """`steps` gradient steps `p <- p - lr * dL/dp` on `loss_fn`, differentiable w.r.t. the initial params.
 
@@ -58,55 +69,86 @@ def adapt(params: Mapping[str, Tensor], loss_fn: LossFn, steps: int, lr: StepSiz
         params: name -> tensor, usually `dict(model.named_parameters())`; every entry is adapted.
         loss_fn: maps a params dict to a scalar loss (e.g. the support loss).
         steps: number of inner steps (0 returns `params` unchanged).
-        lr: one step size, or a dict of per-parameter step sizes (scalars or tensors shaped like the params).
+        lr: one step size, or a dict of per-parameter step sizes (scalars or tensors shaped like the params), or a
+            list of either, one per step (see `Schedule`).
         first_order: drop the second-order terms (the inner gradients are treated as constants).
         create_graph: override; default `not first_order`. False with `first_order=False` is not meaningful.
 
     Returns:
         The adapted params, a new dict with the same keys and shapes.
     """
+    fast = dict(params)
+    for fast in adapt_steps(params, loss_fn, steps, lr, first_order, create_graph):  # noqa: B007 (the last one)
+        pass
+    return fast
+
+
+def adapt_steps(params: Mapping[str, Tensor], loss_fn: LossFn, steps: int, lr: Schedule, first_order: bool = False,
+                create_graph: bool | None = None) -> Iterator[Params]:
+    """`adapt`, yielding the params after each of its `steps` steps (new dicts: a multi-step loss keeps them all).
+
+    Keeping every step's weights costs no memory beyond `adapt`'s in second order: its graph holds them anyway.
+    """
     create_graph = (not first_order) if create_graph is None else create_graph
     fast = dict(params)
     names = [n for n, p in fast.items() if p.requires_grad]
-    for _ in range(steps):
+    for step in range(steps):
+        step_lr = step_size_at(lr, step)
         loss = loss_fn(fast)
         grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph, allow_unused=True)
         used = [(n, g if create_graph else g.detach()) for n, g in zip(names, grads, strict=True)
                 if g is not None]  # None: a parameter this loss does not use (e.g. unused head columns)
-        if used and isinstance(lr, float | int):  # (`_foreach_add` refuses an empty list)
+        if used and isinstance(step_lr, float | int):  # (`_foreach_add` refuses an empty list)
             # one fused op (and one autograd node) for every parameter, instead of a multiply and a subtract each
-            stepped = torch._foreach_add([fast[n] for n, _ in used], [g for _, g in used], alpha=-lr)
+            stepped = torch._foreach_add([fast[n] for n, _ in used], [g for _, g in used], alpha=-step_lr)
         else:
-            stepped = [fast[n] - _step_size(lr, n) * g for n, g in used]
-        fast.update(zip([n for n, _ in used], stepped, strict=True))
-    return fast
+            stepped = [fast[n] - _step_size(step_lr, n) * g for n, g in used]
+        fast = {**fast, **dict(zip([n for n, _ in used], stepped, strict=True))}
+        yield fast
 
 
-def adapt_inference(params: Mapping[str, Tensor], loss_fn: LossFn, steps: int, lr: StepSize) -> Params:
+def adapt_inference(params: Mapping[str, Tensor], loss_fn: LossFn, steps: int, lr: Schedule) -> Params:
     """Evaluation-time adaptation that builds no outer graph: the starting params and step sizes are detached.
 
     Each step builds only the small graph of its own support loss, freed immediately, so memory does not grow
     with `steps` and nothing links the result to the meta-parameters. Works under `torch.no_grad()`.
     """
-    detached_lr = ({k: v.detach() for k, v in lr.items()} if isinstance(lr, Mapping)
-                   else lr.detach() if isinstance(lr, Tensor) else lr)
     fast = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
+            step_lr = _detached(step_size_at(lr, step))
             fast = {k: v.requires_grad_() for k, v in fast.items()}
             grads = torch.autograd.grad(loss_fn(fast), list(fast.values()), allow_unused=True)
-            fast = {k: (v - _step_size(detached_lr, k) * g).detach() if g is not None else v.detach()
+            fast = {k: (v - _step_size(step_lr, k) * g).detach() if g is not None else v.detach()
                     for (k, v), g in zip(fast.items(), grads, strict=True)}
     return fast
 
 
-def adapt_functional(params: Params, loss_fn: LossFn, steps: int, lr: StepSize, first_order: bool = False) -> Params:
+def _detached(lr: StepSize) -> StepSize:
+    """`lr` cut from the outer graph (a dict may mix numbers and tensors)."""
+    if isinstance(lr, Mapping):
+        return {k: _detached(v) for k, v in lr.items()}
+    return lr.detach() if isinstance(lr, Tensor) else lr
+
+
+def adapt_functional(params: Params, loss_fn: LossFn, steps: int, lr: Schedule, first_order: bool = False) -> Params:
     """The inner loop with `torch.func.grad` (composes with `torch.func.vmap`); same maths as `adapt`."""
     fast = dict(params)
-    for _ in range(steps):
-        grads = torch.func.grad(loss_fn)(fast)
-        fast = {k: v - _step_size(lr, k) * (grads[k].detach() if first_order else grads[k]) for k, v in fast.items()}
+    for fast in adapt_functional_steps(params, loss_fn, steps, lr, first_order):  # noqa: B007 (the last one)
+        pass
     return fast
+
+
+def adapt_functional_steps(params: Params, loss_fn: LossFn, steps: int, lr: Schedule,
+                           first_order: bool = False) -> Iterator[Params]:
+    """`adapt_functional`, yielding the params after each step (as `adapt_steps` does for `adapt`)."""
+    fast = dict(params)
+    for step in range(steps):
+        step_lr = step_size_at(lr, step)
+        grads = torch.func.grad(loss_fn)(fast)
+        fast = {k: v - _step_size(step_lr, k) * (grads[k].detach() if first_order else grads[k])
+                for k, v in fast.items()}
+        yield fast
 
 
 def vmap_task_losses(task_loss: Callable[..., Tensor | tuple[Tensor, ...]], params: Params,

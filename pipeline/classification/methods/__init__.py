@@ -31,14 +31,19 @@ def _max_ways(cfg: Config) -> int:
 def _gradient_based(kind: type[MAML]) -> Callable[[Config, nn.Module, int], nn.Module]:
     def build(cfg: Config, encoder: nn.Module, n_base: int) -> nn.Module:
         m = cfg.method
-        return kind(encoder, _max_ways(cfg), m.inner_steps, m.inner_lr, m.first_order, m.eval_inner_steps)
+        # the MAML++ / ANIL options; `validate` refuses them for a method that does not use them (Reptile)
+        options = {"multi_step_loss": m.multi_step_loss, "msl_iterations": m.msl_iterations,
+                   "adapt_head": m.adapt == "head", **({"per_step_lr": True} if m.per_step_lr else {})}
+        return kind(encoder, _max_ways(cfg), m.inner_steps, m.inner_lr, m.first_order, m.eval_inner_steps,
+                    **options)
 
     return build
 
 
 # name -> builder(cfg, encoder, n_base_classes)
 METHODS: dict[str, Callable[[Config, nn.Module, int], nn.Module]] = {
-    "protonet": lambda cfg, encoder, n_base: ProtoNet(encoder, cfg.method.distance),
+    "protonet": lambda cfg, encoder, n_base: ProtoNet(encoder, cfg.method.distance, cfg.method.temperature,
+                                                      cfg.method.normalize),
     "matching": lambda cfg, encoder, n_base: MatchingNet(encoder),
     "siamese": lambda cfg, encoder, n_base: Siamese(encoder, cfg.method.margin),
     "maml": _gradient_based(MAML),

@@ -30,6 +30,10 @@ class TaskOut:
 class FewShotMethod(nn.Module):
     """Base class: subclasses implement `fit` and `predict`; the default `task_loss` is query cross-entropy."""
 
+    # The meta-iteration being trained, set by the training loop before each one: schedules that change over
+    # training (MAML++'s multi-step loss weights) read it. A plain attribute, so not part of the saved weights.
+    meta_iteration: int = 0
+
     def fit(self, support_x: Tensor, support_y: Tensor, n_way: int) -> State:
         raise NotImplementedError
 
