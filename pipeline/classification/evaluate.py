@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from pipeline.classification.episodes import Episode, evaluation_episodes, split
 from pipeline.classification.train import build_model, episode_batch
 from pipeline.common.config import Config
 from pipeline.common.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95, paired_differences
+from pipeline.common.page import write_page
 from pipeline.common.progress import progress
 from pipeline.common.report import ci_text, paired_lines, plot_accuracy, plot_confusion, text_table, write_json
 from pipeline.common.run import evaluation_files, load_run_config, load_weights, pick_device, read_split, set_threads
@@ -50,12 +53,14 @@ def episode_metrics(pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any
 
 def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None = None,
              overrides: list[str] | None = None) -> dict[str, Any]:
-    """Evaluate a run directory's trained and untrained weights; writes `report.json` and `accuracy.png`.
+    """Evaluate a run directory's trained and untrained weights; writes `report.json`, `accuracy.png`,
+    `confusion.png` and the page `report.html` (`pipeline.common.page`).
 
     With `episodes_file` (from `python -m pipeline episodes`), exactly those episodes are used (copied into the
     run as `episodes.json`), so different methods are compared on the same cases. `overrides` (`--set shots=5`)
     evaluate the same weights another way, into their own files (`evaluation_files`).
     """
+    started = time.perf_counter()
     cfg = load_run_config(run_dir, overrides)
     set_threads(cfg)
     episodes_path, out, suffix = evaluation_files(run_dir, overrides, out, cfg.task)
@@ -99,12 +104,33 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
                                      metric="accuracy"),
         "per_class": _per_class(episodes, preds["trained"]),
         "confusion": {"classes": names, "matrix": confusion.tolist()},
+        "no_better_than_untrained": no_better_than_untrained(per_episode["trained"], per_episode["untrained"]),
+        "evaluation_seconds": time.perf_counter() - started,
     }
+    if report["no_better_than_untrained"]:
+        log.warning("WARNING: %s", NO_GAIN_ADVICE)
     write_json(report, out)
     write_json(report["confusion"], out.with_name(f"confusion{suffix}.json"))
     plot_confusion(confusion, names, out.with_name(f"confusion{suffix}.png"))
     plot_accuracy(per_episode, chance, out.with_name(f"accuracy{suffix}.png"))
+    write_page(run_dir, out, suffix=suffix)
     return report
+
+
+NO_GAIN_ADVICE = ("the trained model is no better than untrained on these novel-class episodes (the paired accuracy "
+                  "interval reaches 0): check the learning curve, raise train.iterations or lower train.lr, give "
+                  "training more base classes, or try configs/classify_finetune.yaml; do not adapt with this run yet")
+
+
+def no_better_than_untrained(trained: Sequence[float], untrained: Sequence[float]) -> bool:
+    """Whether meta-training shows no gain: the 95% CI of the paired per-episode accuracy differences (trained
+    minus untrained, same episodes, as in `report["paired"]["untrained"]`) has a lower bound <= 0.
+
+    Args:
+        trained, untrained: per-episode query accuracies `(E,)`, episode by episode.
+    """
+    diff = paired_differences(trained, {"untrained": untrained}, metric="accuracy")["untrained"]["accuracy"]
+    return bool(diff["ci95"][0] <= 0)
 
 
 def finetune_baseline(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:

@@ -1,7 +1,7 @@
 """Registration evaluation: adapt the network on a few pairs of unseen patients, then score held-out pairs.
 
 Learn2Reg metrics (Dice, HD95, folding share, SD of log-Jacobian) next to no registration and SimpleITK affine /
-affine + demons on the same pairs, with paired Dice differences; writes `report.json`.
+affine + demons on the same pairs, with paired Dice differences; writes `report.json` and the page `report.html`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from datasets.volume import FewscanError, InputError
 from pipeline.common.config import Config
 from pipeline.common.episodes import load_episode_set, save_episode_set
 from pipeline.common.metrics import dice_hd95, metric_block, paired_differences
+from pipeline.common.page import write_page
 from pipeline.common.report import ci_text, paired_lines, text_table, write_json
 from pipeline.common.run import evaluation_files, load_run_config, load_weights, seed_everything, set_threads
 from pipeline.registration.deformation import warp_array
@@ -158,12 +159,13 @@ def check_pairs(pairs: list[dict[str, Any]], cfg: Config, path: Path) -> None:
 def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None = None,
              overrides: list[str] | None = None) -> dict[str, Any]:
     """Adapt the meta-learned network on the adaptation pairs, score it, the unregistered pairs and SimpleITK on
-    the held-out pairs; writes `report.json`.
+    the held-out pairs; writes `report.json` and `report.html`.
 
     With `episodes_file` (pairs from `python -m pipeline episodes`), exactly those pairs are scored (checked before
     anything is written, then copied into the run as `episodes.json`). `overrides` (`--set
     registration.instance_steps=5`) change the test-time adaptation, into their own files (`evaluation_files`).
     """
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     episodes_path, out, _ = evaluation_files(run_dir, overrides, out, cfg.task)
@@ -184,7 +186,9 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     report.update(_network_blocks(cfg, model, losses, evaluation, adapt_pairs))
     report.update(_baseline_blocks(cfg, evaluation))
     report["paired"] = paired(report)
+    report["evaluation_seconds"] = time.perf_counter() - started
     write_json(report, out)
+    write_page(run_dir, out)
     return report
 
 

@@ -1,7 +1,8 @@
 """Segmentation evaluation: every method and baseline on fixed held-out-structure episodes.
 
 `evaluate` adds to a run directory `episodes.json` (the episodes scored, or a copy of `evaluate --episodes FILE`),
-`report.json`, `dice.png` (box plot per structure and method) and `overlay_<structure>.png`.
+`report.json`, `dice.png` (box plot per structure and method), `overlay_<structure>.png` and the page
+`report.html` (`pipeline.common.page`).
 
 Evaluation protocol. 3D mode: the whole support volume(s) and their masks give the prototypes (or the adaptation
 data); the whole query volume is segmented (sliding windows of `crop`). 2D mode follows SSL-ALPNet: only the
@@ -25,6 +26,7 @@ from datasets.volume import InputError, Volume
 from pipeline.common.config import Config
 from pipeline.common.episodes import load_episode_set, save_episode_set
 from pipeline.common.metrics import dice_hd95, metric_block, paired_differences
+from pipeline.common.page import write_page
 from pipeline.common.progress import progress
 from pipeline.common.report import ci_text, paired_lines, plot_dice_boxes, plot_overlay, text_table, write_json
 from pipeline.common.run import evaluation_files, load_run_config, load_weights, set_threads
@@ -227,6 +229,7 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     anything is written, then copied into the run as `episodes.json`). `overrides` (`--set shots=5`) evaluate the
     same weights another way, into their own files (`evaluation_files`).
     """
+    started = time.perf_counter()
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     episodes_path, out, suffix = evaluation_files(run_dir, overrides, out, cfg.task)
@@ -238,9 +241,10 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     rows, seconds = score_episodes(cfg, episodes, {c.case_id: c for c in cases}, runners, overlays)
     blocks = {n: _block(rows[n], seconds[n]) for n in runners}
     per_structure_dice = {n: _dice_by_structure(b["per_episode"]) for n, b in blocks.items()}  # for the box plot
-    report = _report(cfg, episodes, blocks)
+    report = {**_report(cfg, episodes, blocks), "evaluation_seconds": time.perf_counter() - started}
     write_json(report, out)
     plot_dice_boxes(per_structure_dice, out.with_name(f"dice{suffix}.png"))
+    write_page(run_dir, out, suffix=suffix)
     return report
 
 
