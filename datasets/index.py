@@ -155,8 +155,10 @@ def _walk(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
-def _summaries(files: list[Path], salt: str | None, workers: int, cache_file: Path | None) -> list[dict]:
-    """Summaries for ``files``, re-reading only those whose (size, mtime) changed since the cache."""
+def _summaries(files: list[Path], salt: str | None, workers: int,
+               cache_file: Path | None) -> tuple[list[dict], dict[str, Any]]:
+    """Summaries for ``files``, re-reading only those whose (size, mtime) changed since the cache, and the cache
+    to write once the index succeeds (`_save_cache`)."""
     cache: dict[str, Any] = {}
     if cache_file is not None and cache_file.is_file():
         try:
@@ -176,10 +178,13 @@ def _summaries(files: list[Path], salt: str | None, workers: int, cache_file: Pa
     for f, summary in zip(todo, fresh, strict=True):
         cache[str(f)] = {"stamp": stamps[str(f)], "summary": summary}
     cache = {k: v for k, v in cache.items() if k in stamps}
+    return [cache[str(f)]["summary"] for f in files if cache[str(f)]["summary"] is not None], cache
+
+
+def _save_cache(cache_file: Path | None, cache: dict[str, Any], salt: str | None) -> None:
     if cache_file is not None:
         with atomic_path(cache_file) as tmp:
             tmp.write_text(json.dumps({"version": CACHE_VERSION, "salt": patient_key("x", salt), "files": cache}))
-    return [cache[str(f)]["summary"] for f in files if cache[str(f)]["summary"] is not None]
 
 
 def _stamp(path: Path) -> list[int]:
@@ -308,7 +313,7 @@ def index_tree(
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "not a folder")
-    summaries = _summaries(_walk(root), salt, workers, cache)
+    summaries, cached = _summaries(_walk(root), salt, workers, cache)
     rows, sop_to_series, series_patient = _series_rows(summaries)
     if not rows:
         raise InputError(root, "no DICOM series or volume files found")
@@ -318,6 +323,7 @@ def index_tree(
                              r.get("series_uid", "")))
     if labels is not None:
         rows = join_findings(rows, labels, sop_to_series, series_patient, salt=salt, raw_ids=raw_ids)
+    _save_cache(cache, cached, salt)  # only now: a refused index leaves nothing beside its output
     return [{c: str(r.get(c, "")) for c in _columns(rows)} for r in rows]
 
 

@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from datasets.volume import FewscanError
+from pipeline.common.outputs import check_outputs
+from pipeline.common.page import page_path, report_arguments, report_verb  # light: plots load on use
+from pipeline.export import export_arguments, export_verb  # light: torch loads on use
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -192,9 +195,15 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from pipeline.common.config import load_config
+    from pipeline.common.run import discard_failed_run
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = task_module(cfg.task).train(cfg, args.out, resume=args.resume)
+    fresh = not args.out.exists()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = task_module(cfg.task).train(cfg, args.out, resume=args.resume)
+    except FewscanError:
+        discard_failed_run(args.out, fresh)
+        raise
     print(f"run directory: {run_dir}")
     return 0
 
@@ -212,17 +221,18 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import yaml
-
-    from pipeline.common.run import evaluation_files
+    from pipeline.common.config import read_yaml
+    from pipeline.common.run import check_run_weights, evaluation_files
 
     if not (args.run_dir / "config.yaml").is_file():
         raise FewscanError(f"{args.run_dir}: not a run directory (no config.yaml); run `train` first")
-    task = (yaml.safe_load((args.run_dir / "config.yaml").read_text()) or {}).get("task", "classification")
+    task = read_yaml(args.run_dir / "config.yaml").get("task", "classification")
+    check_run_weights(args.run_dir)
     module = task_module(task)
     report = module.evaluate(args.run_dir, args.out, episodes_file=args.episodes, overrides=args.overrides)
     print(module.summary_table(report))
-    print(f"report: {evaluation_files(args.run_dir, args.overrides, args.out, task)[1]}")
+    report_path = evaluation_files(args.run_dir, args.overrides, args.out, task)[1]
+    print(f"report: {report_path}\npage: {page_path(report_path)}")
     return 0
 
 
@@ -297,11 +307,11 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
 
 def _run_task(folder: Path) -> str:
     """The task a run, checkpoint or adapted folder was trained for (its config.yaml, or its parent's)."""
-    import yaml
+    from pipeline.common.config import read_yaml
 
     for d in (folder, folder.parent):
         if (d / "config.yaml").is_file():
-            return (yaml.safe_load((d / "config.yaml").read_text()) or {}).get("task", "classification")
+            return str(read_yaml(d / "config.yaml").get("task", "classification"))
     return "classification"
 
 
@@ -344,9 +354,11 @@ VERBS: dict[str, Verb] = {
     "patches": (_patches_args, _patches),
     "train": (_train_args, _train),
     "evaluate": (_evaluate_args, _evaluate),
+    "report": (report_arguments, report_verb),
     "episodes": (_episodes_args, _episodes),
     "adapt": (_adapt_args, _adapt),
     "predict": (_predict_args, _predict),
+    "export": (export_arguments, export_verb),
     "register": (_register_args, _register),
     "demo": (_demo_args, _demo),
 }
@@ -361,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
+        check_outputs(args.verb, args)
         return VERBS[args.verb][1](args)
     except FewscanError as err:
         print(f"fewscan {args.verb}: error: {err}", file=sys.stderr)
@@ -374,10 +387,12 @@ VERB_HELP: dict[str, str] = {
     "convert": "convert a DICOM series, SEG, RTSTRUCT or label map to NIfTI (dcm2niix-equivalent geometry)",
     "patches": "cut 2D organ patches from labelled volumes into a classification npz (pseudo-patient z-slab groups)",
     "train": "meta-train from a YAML config into a run directory",
-    "evaluate": "evaluate a run on its held-out classes over fixed episodes; writes report.json",
+    "evaluate": "evaluate a run on its held-out classes over fixed episodes; writes report.json and report.html",
+    "report": "(re)build the self-contained HTML page (report.html) of a run's evaluation report",
     "episodes": "write a fixed evaluation episode file (exact cases per episode) for paired comparisons",
     "adapt": "adapt a trained run to new classes from a few labelled scans (support CSV or class folders)",
     "predict": "per-class probabilities for scans from a model written by `adapt`",
+    "export": "write a model from `adapt` as a MONAI Bundle (TorchScript + MONAI transforms) that runs without fewscan",
     "register": "warp a moving image (and labels) onto a fixed one with a registration run; ITK displacement field",
     "demo": "the three task kinds (and adapt + predict) end to end on embedded synthetic data, then a summary",
 }

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from datasets.volume import FewscanError, InputError, atomic_path
 from pipeline.classification.train import build_model
 from pipeline.common.config import Config
 from pipeline.common.report import write_json
-from pipeline.common.run import load_run_config, load_weights
+from pipeline.common.run import load_run_config, load_weights, read_split, read_tensors
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -200,7 +200,7 @@ def load_item(path: Path, cfg: Config, item_shape: tuple[int, ...], centre: list
 
 def _model(run: Path, weights: Path) -> tuple[Config, torch.nn.Module, dict[str, Any]]:
     cfg = load_run_config(run)
-    split = json.loads((run / "split.json").read_text())
+    split = read_split(run)
     state = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else {}
     model = load_weights(build_model(cfg, n_base=len(split["base"])), weights).eval()
     return cfg, model, {"n_base": len(split["base"]), "item_shape": state.get("item_shape")}
@@ -278,7 +278,7 @@ def predict(adapted: Path, inputs: list[Path], centre: list[float] | None = None
     if not rows:
         raise FewscanError("no inputs: name scans or give --queries CSV")
     items = [load_item(p, cfg, tuple(summary["item_shape"]), c, whole_volume)[None] for p, c in rows]
-    fitted = {k: v for k, v in load_file(str(adapted / "state.safetensors")).items()}
+    fitted = {k: v for k, v in read_tensors(adapted / "state.safetensors").items()}
     results = []
     for (path, c), x in zip(rows, items, strict=True):
         with torch.no_grad():

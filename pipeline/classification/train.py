@@ -29,7 +29,7 @@ from pipeline.common import distributed, loop
 from pipeline.common.config import Config
 from pipeline.common.episodes import episode_loader, stream_seed
 from pipeline.common.report import write_json
-from pipeline.common.run import write_config
+from pipeline.common.run import read_split, write_config
 from pipeline.nn.encoders import build_encoder
 from pipeline.nn.inner import threaded_task_grads
 
@@ -140,7 +140,7 @@ def load_data(cfg: Config, session: loop.Session) -> ClassData:
     `config.yaml` (with `model.in_channels` set from the data)."""
     run_dir = session.run_dir
     source = open_source(cfg, run_dir if session.world.main else None)
-    split = json.loads((run_dir / "split.json").read_text()) if session.resuming else source_split(cfg, source)
+    split = read_split(run_dir) if session.resuming else source_split(cfg, source)
     items = source.items(split["base"], split_groups(split, "base"))
     val_ways = min(cfg.episodes.ways, len(split["validation"]))
     if cfg.train.val_every and split["validation"] and val_ways < 2:

@@ -251,7 +251,7 @@ ALIASES: dict[str, str] = {"shots": "episodes.shots", "ways": "episodes.ways", "
 _ADAPTER = TypeAdapter(Config)
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML mapping, resolving `extends:` chains (deep merge, child wins)."""
     path = path.resolve()
     if path in seen:
@@ -267,7 +267,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
-    return deep_merge(_read_yaml(path.parent / str(parent), (*seen, path)), raw)
+    return deep_merge(read_yaml(path.parent / str(parent), (*seen, path)), raw)
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -400,7 +400,7 @@ def _check_method(m: MethodConfig, source: str) -> None:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load, merge `extends`, apply `--set` overrides and validate a YAML config file."""
-    raw = apply_overrides(_read_yaml(Path(path)), overrides or [])
+    raw = apply_overrides(read_yaml(Path(path)), overrides or [])
     return validate(raw, source=str(path))
 
 

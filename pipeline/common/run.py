@@ -21,8 +21,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from datasets.volume import FewscanError, atomic_path
-from pipeline.common.config import Config, apply_overrides, evaluation_tag, to_dict, validate
+from datasets.volume import FewscanError, InputError, atomic_path
+from pipeline.common.config import Config, apply_overrides, evaluation_tag, read_yaml, to_dict, validate
 from pipeline.common.report import write_json
 
 
@@ -46,9 +46,28 @@ def save_weights(model: nn.Module, path: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file.
+
+    Raises:
+        InputError: naming the file: missing, or not a safetensors file (empty, a pickle, a `torch.save` archive).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "missing: the run (or adapted folder) is incomplete; train or adapt it again")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # SafetensorError and the header parser's errors: the file is not safetensors
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(path, f"not a safetensors weights file ({reason})") from None
+
+
 def load_weights(model: nn.Module, path: Path) -> nn.Module:
-    """Load safetensors weights into `model` (strict)."""
-    model.load_state_dict(load_file(str(path)))
+    """Load safetensors weights into `model` (strict); InputError when they are unreadable or do not fit it."""
+    try:
+        model.load_state_dict(read_tensors(path))
+    except RuntimeError as err:
+        raise InputError(path, f"weights do not fit the run's model ({str(err).splitlines()[0]})") from None
     return model
 
 
@@ -117,9 +136,9 @@ def load_checkpoint(folder: Path, model: nn.Module, opt: torch.optim.Optimizer |
     try:
         state = json.loads((folder / "state.json").read_text())
         load_weights(model, folder / "model.safetensors")
-        tensors = load_file(str(folder / "optimizer.safetensors")) if opt is not None else {}
+        tensors = read_tensors(folder / "optimizer.safetensors") if opt is not None else {}
         if "extra" in state:
-            state["extra"] = unpack(state["extra"], load_file(str(folder / "extra.safetensors")))
+            state["extra"] = unpack(state["extra"], read_tensors(folder / "extra.safetensors"))
     except (OSError, ValueError, RuntimeError, KeyError) as err:
         raise FewscanError(f"{folder}: cannot resume from this checkpoint ({err})") from None
     if opt is not None:
@@ -184,7 +203,7 @@ def write_config(cfg: Config, run_dir: Path) -> None:
 def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     """The resolved config a run was trained with, with `evaluate --set` items (checked by `evaluation_tag` against
     the run's task kind)."""
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    raw = read_yaml(run_dir / "config.yaml")
     evaluation_tag(overrides or [], raw.get("task", "classification"))
     raw = apply_overrides(raw, overrides or [])
     return validate(raw, source=str(run_dir / "config.yaml"))
@@ -204,8 +223,21 @@ def evaluation_files(run_dir: Path, overrides: list[str] | None, out: Path | Non
 
 
 def read_split(run_dir: Path) -> dict[str, Any]:
-    """The class (and patient) split written at training time."""
-    return json.loads((run_dir / "split.json").read_text())
+    """The class (and patient) split written at training time.
+
+    Raises:
+        InputError: naming `split.json`: missing, not JSON, or not a mapping of lists.
+    """
+    path = Path(run_dir) / "split.json"
+    try:
+        split = json.loads(path.read_text())
+    except OSError as err:
+        raise InputError(path, f"cannot read the run's split ({err.strerror}); the run is incomplete") from None
+    except json.JSONDecodeError as err:
+        raise InputError(path, f"not valid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(split, dict) or not all(isinstance(split.get(k, []), list) for k in ("base", "novel")):
+        raise InputError(path, "not a split (a mapping such as base/validation/novel -> lists of names)")
+    return split
 
 
 def set_threads(cfg: Config) -> None:
@@ -221,3 +253,17 @@ def set_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.train.threads)
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cfg.train.threads)
 
+
+
+def discard_failed_run(run_dir: Path, fresh: bool) -> None:
+    """Remove the run folder a refused `train` created (`fresh`: it did not exist before), unless it already holds
+    a checkpoint to resume from: a failed run leaves nothing behind, an interrupted one keeps its progress."""
+    if fresh and Path(run_dir).is_dir() and not (Path(run_dir) / "last").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def check_run_weights(run_dir: Path) -> None:
+    """Read the run's trained and untrained weights once before an evaluation writes anything (its episode set
+    first of all), so a damaged weights file is refused up front. Raises InputError naming the file."""
+    for name in ("model.safetensors", "untrained.safetensors"):
+        read_tensors(Path(run_dir) / name)

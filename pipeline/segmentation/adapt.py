@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from datasets.volume import InputError, Volume, atomic_path
 from pipeline.common.config import Config
 from pipeline.common.report import write_json
-from pipeline.common.run import load_run_config, load_weights
+from pipeline.common.run import load_run_config, load_weights, read_tensors
 from pipeline.segmentation.evaluate import axial_slices, foreground_slices, run_learned
 from pipeline.segmentation.train import build_model
 
@@ -144,11 +144,11 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
         predictor = _propagator(cfg, adapted, info)
     elif scfg.method == "proto":
         model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
-        state = load_file(str(adapted / "prototypes.safetensors"))
+        state = read_tensors(adapted / "prototypes.safetensors")
         predictor = proto_predictor(model, state["bg"], state["fg"], roi)
     else:
         model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
-        predictor = maml_predictor(model, scfg, load_file(str(adapted / "fast.safetensors")))
+        predictor = maml_predictor(model, scfg, read_tensors(adapted / "fast.safetensors"))
     results = []
     for i, path in enumerate(inputs):
         path = Path(path)
@@ -168,6 +168,6 @@ def _propagator(cfg: Config, adapted: Path, info: dict[str, Any]) -> Callable[[n
 
     grid = tuple(int(v) for v in info["volume_size"])
     net = load_weights(build_net(cfg, grid), adapted / "model.safetensors").eval()
-    stored = load_file(str(adapted / "supports.safetensors"))
+    stored = read_tensors(adapted / "supports.safetensors")
     supports = [(stored[f"image_{n}"].numpy(), stored[f"mask_{n}"].numpy()) for n in range(info["shots"])]
     return lambda image: propagate(net, cfg.registration, supports, image, grid, cfg.segmentation.fusion == "local")
