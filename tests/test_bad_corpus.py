@@ -319,6 +319,17 @@ OTHER: dict[str, Case] = {
     "register, out is a file": Case(lambda d, s: ["register", "--fixed", str(s.image), "--moving", str(s.image),
                                                   "--checkpoint", str(s.reg_run), "--out",
                                                   str(_csv(d, "x", "taken"))]),
+    # report, export
+    "report, not a run": Case(lambda d, s: ["report", str(d)]),
+    "report, no report yet": Case(lambda d, s: ["report", str(_copy_run(d, s, lambda r: None))], "evaluate"),
+    "report, report JSON invalid": Case(lambda d, s: ["report", str(_copy_run(d, s, lambda r: None)), "--report",
+                                                      str(_csv(d, "{", "r.json"))]),
+    "export, not an adapted folder": Case(lambda d, s: ["export", str(s.run), "--format", "bundle", "--out",
+                                                        str(d / "b")]),
+    "export, out not empty": Case(lambda d, s: ["export", str(s.adapted), "--format", "bundle", "--out",
+                                                str(_csv(d, "x", "keep.txt").parent)]),
+    "export, state corrupt": Case(lambda d, s: ["export", str(_copy_adapted(d, s)), "--format", "bundle", "--out",
+                                                str(d / "b")]),
     # index, decathlon, synth, episodes, patches
     "index, root missing": Case(lambda d, s: ["index", str(d / "none"), "--out", str(d / "m.csv")]),
     "index, root empty": Case(lambda d, s: ["index", str((d / "e").mkdir() or d / "e"), "--out", str(d / "m.csv")]),

@@ -60,6 +60,7 @@ def test_walkthrough_train_then_adapt(folder: Path) -> None:
     report = json.loads((run / "report.json").read_text())
     assert set(report["classes"]) == {"spiculated_mass", "cavitary_lesion", "ground_glass_nodule"}
     assert report["episodes"] == 4 and "trained" in out
+    assert "<html" in (run / "report.html").read_text()[:500].lower() and "runs/lesions/report.html" in out
     with (folder / "data" / "cohort-manifest.csv").open() as f:
         assert len(list(csv.DictReader(f))) >= 60  # one row per series and finding of the synthetic cohort
 
@@ -69,6 +70,8 @@ def test_walkthrough_train_then_adapt(folder: Path) -> None:
     with (folder / "runs" / "new-types" / "predictions" / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 9  # 3 queries of each new type
+    bundle = folder / "runs" / "new-types-bundle"
+    assert (bundle / "models" / "model.ts").is_file() and (bundle / "configs" / "inference.json").is_file()
     for row in rows:
         probs = [float(row[f"p_{c}"]) for c in adapted["classes"]]
         assert sum(probs) == pytest.approx(1.0, abs=1e-4) and row["prediction"] in adapted["classes"]
@@ -85,3 +88,4 @@ def test_walkthrough_segment(folder: Path) -> None:
     assert one["shots"] == 1 and three["shots"] == 3
     assert one["structures"] == ["liver", "spine"] and "baseline_atlas" in one
     assert 0.0 <= one["metrics"]["dice"]["mean"] <= 1.0
+    assert (run / "report.html").is_file() and (run / "report_shots3.html").is_file()
