@@ -1,0 +1,45 @@
+"""No raw patient identifier in anything synth -> index -> train -> evaluate -> report writes or prints (issue #19).
+
+The one documented exception: the manifest's `path` column, which must point at the collection's own folders
+(TCIA names them by patient ID); every other column, file and log line is checked.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+RAW = re.compile(r"SYN\d{4}")  # the synthetic cohort's PatientIDs (PatientName is ANON^<id>)
+
+
+@pytest.mark.slow
+def test_no_patient_id_in_outputs_or_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    cohort, run = tmp_path / "cohort", tmp_path / "run"
+    assert main(["synth", str(cohort), "--patients", "16", "--seed", "3"]) == 0
+    capsys.readouterr()  # synth itself lists its patients: the data, not an output of the pipeline
+    assert main(["index", str(cohort), "--labels", str(cohort / "findings.csv"), "--out", str(tmp_path / "m.csv")]) == 0
+    assert main(["train", str(REPO / "configs" / "smoke.yaml"), "--set", f"data.root={cohort}", "train.iterations=2",
+                 "episodes.eval_episodes=3", "--out", str(run)]) == 0
+    assert main(["evaluate", str(run)]) == 0
+    printed = capsys.readouterr()
+    assert not RAW.search(printed.out + printed.err + caplog.text)
+
+    checked = 0
+    for path in [tmp_path / "m.csv", *sorted(run.rglob("*"))]:
+        if not path.is_file() or path.suffix not in {".csv", ".json", ".yaml", ".html", ".txt"}:
+            continue
+        text = path.read_text()
+        if path.suffix == ".csv" and "path" in text.splitlines()[0].split(","):
+            rows = list(csv.DictReader(path.open()))
+            text = "\n".join(",".join(v for k, v in r.items() if k != "path") for r in rows)
+            assert rows and any(RAW.search(r["path"]) for r in rows)  # the exception is real: folders are IDs
+        assert not RAW.search(text), f"{path.name}: {RAW.search(text).group()}"
+        checked += 1
+    assert checked >= 8  # manifest, config, split, curves, state, episodes, report.json, report.html, ...
