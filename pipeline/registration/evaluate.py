@@ -22,12 +22,20 @@ from pipeline.common.episodes import load_episode_set, save_episode_set
 from pipeline.common.metrics import dice_hd95, metric_block, paired_differences
 from pipeline.common.page import write_page
 from pipeline.common.report import ci_text, paired_lines, text_table, write_json
-from pipeline.common.run import evaluation_files, load_run_config, load_weights, seed_everything, set_threads
+from pipeline.common.run import (
+    evaluation_files,
+    load_run_config,
+    load_weights,
+    pick_device,
+    seed_everything,
+    set_threads,
+)
 from pipeline.registration.deformation import warp_array
 from pipeline.registration.episodes import PairData, patient_groups, registration_tasks, roles
 from pipeline.registration.network import (
     Losses,
     adapted,
+    model_device,
     predict,
     refine,
 )
@@ -77,8 +85,9 @@ def _network_rows(model: torch.nn.Module, data: PairData, losses: Losses, instan
         mv, fv, ml, fl = data.volumes(i)
         start = time.perf_counter()
         batch = data.batch([i])
+        # unsupervised: the evaluated pair's labels are never used
         ddf = refine(predict(model, batch[0], batch[1]), batch[0], batch[1], losses, instance_steps,
-                     instance_lr)[0].numpy()  # unsupervised: the evaluated pair's labels are never used
+                     instance_lr, model_device(model))[0].numpy()
         seconds = time.perf_counter() - start + data.aligned.get(i, (None, None, 0.0))[2]
         warped = warp_array(ml.array, ddf, nearest=True)
         rows.append({**pair_metrics(warped, fl.array, ddf, fv.spacing, pair["structures"]), "seconds": seconds})
@@ -179,6 +188,7 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
     adapt_pairs = json.loads((run_dir / "pairs.json").read_text())["adapt"]
     losses = Losses(cfg.registration, n_labels(pairs))
     model = load_weights(build_net(cfg, evaluation.shape), run_dir / "model.safetensors")
+    model = model.to(pick_device(cfg.train.device))  # train.device, auto: CUDA when present
     report: dict[str, Any] = {"task": "registration", "method": f"{cfg.registration.meta}+{cfg.registration.network}",
                               "episodes": len(pairs), "pairs": len(pairs), "adapt_pairs": len(adapt_pairs),
                               "tasks": sorted({p["task"] for p in pairs})}

@@ -134,8 +134,9 @@ def train_steps(model: nn.Module, losses: Losses, batches: Callable[[], Batch], 
     """`steps` optimiser steps on batches drawn from `batches()`; returns the total loss of each step."""
     model.train()
     history = []
+    device = model_device(model)
     for _ in range(steps):
-        batch = batches()
+        batch = tuple(t if t is None else t.to(device) for t in batches())  # pairs are prepared on the CPU
         terms = losses(model(batch[0], batch[1]), batch, labels=labels)
         opt.zero_grad(set_to_none=True)
         terms["total"].backward()
@@ -176,7 +177,13 @@ def adapted(model: nn.Module, losses: Losses, batches: Callable[[], Batch], step
     return fast
 
 
-def refine(ddf: Tensor, moving: Tensor, fixed: Tensor, losses: Losses, steps: int, lr: float) -> Tensor:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a network's weights (where its inputs must go)."""
+    return next(model.parameters()).device
+
+
+def refine(ddf: Tensor, moving: Tensor, fixed: Tensor, losses: Losses, steps: int, lr: float,
+           device: torch.device | None = None) -> Tensor:
     """Test-time instance optimisation of one pair's field: `steps` Adam steps on similarity + regulariser.
 
     Only a residual at half resolution is optimised (8x cheaper per step than the full grid, and smooth by
@@ -189,11 +196,15 @@ def refine(ddf: Tensor, moving: Tensor, fixed: Tensor, losses: Losses, steps: in
         moving: moving image `(1, 1, *S)`, already on the fixed grid.
         fixed: fixed image `(1, 1, *S)`.
 
+        device: where to optimise (e.g. the network's `model_device`); default: where `ddf` is.
+
     Returns:
-        The refined field `(1, 3, *S)`; `ddf` itself when `steps` is 0.
+        The refined field `(1, 3, *S)` on `ddf`'s device; `ddf` itself when `steps` is 0.
     """
     if not steps:
         return ddf
+    home = ddf.device
+    ddf, moving, fixed = (t.to(device or home) for t in (ddf, moving, fixed))
     size = ddf.shape[2:]
     m, f = F.avg_pool3d(moving, 2), F.avg_pool3d(fixed, 2)
     base = F.avg_pool3d(ddf.detach(), 2) / 2.0  # half-grid voxel units
@@ -206,11 +217,13 @@ def refine(ddf: Tensor, moving: Tensor, fixed: Tensor, losses: Losses, steps: in
             loss.backward()
             opt.step()
     up = F.interpolate(residual.detach(), size=size, mode="trilinear", align_corners=False) * 2.0
-    return ddf.detach() + up
+    return (ddf.detach() + up).to(home)
 
 
 @torch.no_grad()
 def predict(model: nn.Module, moving: Tensor, fixed: Tensor) -> Tensor:
-    """DDF `(B, 3, *S)` of pairs `(B, 1, *S)` in eval mode, no graph."""
+    """DDF `(B, 3, *S)` of pairs `(B, 1, *S)` in eval mode, no graph; computed on the network's device and
+    returned on the inputs' device."""
     model.eval()
-    return model(moving, fixed)
+    device = model_device(model)
+    return model(moving.to(device), fixed.to(device)).to(moving.device)

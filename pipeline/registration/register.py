@@ -14,11 +14,12 @@ from datasets.sources import load_label_map
 from datasets.volume import FewscanError, InputError, Volume
 from pipeline.common.config import Config
 from pipeline.common.report import write_json
-from pipeline.common.run import load_run_config, load_weights
+from pipeline.common.run import load_run_config, load_weights, pick_device
 from pipeline.registration.episodes import NO_FOREGROUND, labels_on_image, preprocess
 from pipeline.registration.network import (
     Losses,
     RegistrationNet,
+    model_device,
     predict,
     refine,
 )
@@ -39,7 +40,7 @@ def load_checkpoint(checkpoint: Path) -> tuple[Config, RegistrationNet, dict[str
     if cfg.task != "registration":
         raise InputError(path, f"a {cfg.task} run, not a registration run")
     state = json.loads((run_dir / "state.json").read_text())
-    model = load_weights(build_net(cfg, tuple(state["volume_size"])), weights)
+    model = load_weights(build_net(cfg, tuple(state["volume_size"])), weights).to(pick_device(cfg.train.device))
     pairs = json.loads((run_dir / "pairs.json").read_text()) if (run_dir / "pairs.json").is_file() else {}
     state["modality"] = next((p["modality"] for p in pairs.get("train", [])), "")
     return cfg, model, state
@@ -92,7 +93,7 @@ def predict_transform(cfg: Config, model: RegistrationNet, fixed: Volume, moving
     moving_t, fixed_t = to_tensor(on_grid), to_tensor(grid)
     rcfg = cfg.registration  # instance optimisation of this pair's field, as `evaluate` scores it
     ddf = refine(predict(model, moving_t, fixed_t), moving_t, fixed_t, Losses(rcfg, 1), rcfg.instance_steps,
-                 rcfg.instance_lr)[0].numpy()
+                 rcfg.instance_lr, model_device(model))[0].numpy()
     field = sitk.DisplacementFieldTransform(ddf_to_itk(ddf, grid))
     return ddf, grid, on_grid, sitk.CompositeTransform([affine, field])
 

@@ -98,12 +98,12 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     groups, pairs = plan_pairs(cfg)
     data = training_data(cfg, pairs["train"])
     prep_seconds = time.perf_counter() - start
-    session = loop.begin(cfg, run_dir, resume, device=torch.device("cpu"))
+    session = loop.begin(cfg, run_dir, resume)  # cfg.train.device (auto: CUDA when present)
     if session.world.main:
         write_config(cfg, session.run_dir)
         write_json(groups, session.run_dir / "split.json")
         write_json(pairs, session.run_dir / "pairs.json")
-    model = build_net(cfg, data.shape)
+    model = build_net(cfg, data.shape).to(session.device)
     losses = Losses(rcfg, n_labels(pairs["train"]))
     stream = RegEpisodes(data, cfg, cfg.train.iterations)
     opt = optimiser(model, cfg.train.lr) if rcfg.meta == "joint" else None

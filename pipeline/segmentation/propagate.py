@@ -30,7 +30,7 @@ from pipeline.common.config import Config, RegistrationConfig
 from pipeline.common.episodes import episode_loader
 from pipeline.registration.deformation import warp
 from pipeline.registration.episodes import Batch, RegEpisodes
-from pipeline.registration.network import Losses, RegistrationNet, predict, refine, reptile_step
+from pipeline.registration.network import Losses, RegistrationNet, model_device, predict, refine, reptile_step
 from pipeline.segmentation.data import Case
 
 FUSION_KERNEL = 5  # voxels: the window of the local image similarity that weights each support
@@ -102,7 +102,7 @@ def train_propagation(cfg: Config, session: loop.Session, train_cases: list[Case
     """Reptile (or joint) training of the registration network on the training images (no labels read)."""
     rcfg = cfg.registration
     data = CasePairs(train_cases, grid, rcfg, cfg.seed)
-    model = build_net(cfg, grid)
+    model = build_net(cfg, grid).to(session.device)
     losses = Losses(rcfg, n_labels=0)  # no Dice term: there are no labels
     stream = RegEpisodes(data, cfg, cfg.train.iterations)  # type: ignore[arg-type]  # duck-typed PairData
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr) if rcfg.meta == "joint" else None
@@ -119,8 +119,8 @@ def train_propagation(cfg: Config, session: loop.Session, train_cases: list[Case
                                                   cfg.train.lr, rcfg.meta_lr, carried["inner"])
             return {"loss": loss}
         model.train()
-        moving, fixed, _, _ = task[0]
-        total = losses(model(moving, fixed), task[0])["total"]
+        batch = tuple(t if t is None else t.to(session.device) for t in task[0])
+        total = losses(model(batch[0], batch[1]), batch)["total"]
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -136,10 +136,11 @@ def load_net(cfg: Config, run_dir: Path, weights: str) -> tuple[RegistrationNet,
     """A propagation run's network with `weights` loaded (eval mode) and its grid (`state.json` `volume_size`)."""
     import json
 
-    from pipeline.common.run import load_weights
+    from pipeline.common.run import load_weights, pick_device
 
     grid = tuple(int(v) for v in json.loads((Path(run_dir) / "state.json").read_text())["volume_size"])
-    return load_weights(build_net(cfg, grid), Path(run_dir) / weights).eval(), grid
+    net = load_weights(build_net(cfg, grid), Path(run_dir) / weights).to(pick_device(cfg.train.device))
+    return net.eval(), grid
 
 
 # --- segmenting a query ----------------------------------------------------------------------------------
@@ -187,7 +188,8 @@ def propagate(model: RegistrationNet, rcfg: RegistrationConfig, supports: list[t
     labels, images = [], []
     for image, mask in supports:
         moving = to_grid(image, grid)
-        ddf = refine(predict(model, moving, fixed), moving, fixed, losses, rcfg.instance_steps, rcfg.instance_lr)
+        ddf = refine(predict(model, moving, fixed), moving, fixed, losses, rcfg.instance_steps, rcfg.instance_lr,
+                     model_device(model))
         labels.append(warp(to_grid(mask, grid), ddf))  # linear: a soft label, smoother borders than nearest
         images.append(warp(moving, ddf))
     fused = fuse(torch.cat(labels), torch.cat(images), fixed, local)

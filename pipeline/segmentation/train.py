@@ -76,7 +76,10 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
 
     from pipeline.segmentation.maml import task_loss
 
-    session = loop.begin(cfg, run_dir, resume, device=torch.device("cpu"))
+    # label propagation trains its registration network on train.device; the prototype and MAML networks stay on
+    # the CPU (their episode code does not move tensors yet)
+    device = None if cfg.segmentation.method == "propagate" else torch.device("cpu")
+    session = loop.begin(cfg, run_dir, resume, device=device)
     if session.world.main:
         write_config(cfg, session.run_dir)
     split, train_cases, cases = training_split(cfg, session.run_dir, session.world.main)
