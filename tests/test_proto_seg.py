@@ -90,3 +90,23 @@ def test_support_prototypes_are_capped_and_keep_the_global_one() -> None:
     assert len(torch.unique(capped[:, 0])) == PROTOTYPE_CAP  # no prototype twice
     assert capped[-1, 0] == protos[-1, 0]  # evenly spread to the last one
     assert torch.equal(cap_prototypes(protos[:10]), protos[:10])
+
+
+def test_score_stride_scores_a_coarser_grid_at_prediction_only(monkeypatch) -> None:
+    import pipeline.segmentation.proto as proto
+
+    seen: list[tuple[int, ...]] = []
+    real = proto.class_scores
+    monkeypatch.setattr(proto, "class_scores", lambda q, p, s: seen.append(tuple(q.shape)) or real(q, p, s))
+    fine, coarse = ProtoSeg(nn.Identity()), ProtoSeg(nn.Identity(), score_stride=2)
+    bg, fg = torch.randn(6, 4), torch.randn(3, 4)
+    fq = torch.randn(1, 4, 16, 12)
+    with torch.no_grad():
+        out = coarse.decode(fq, bg, fg)
+    assert out.shape == (1, 2, 16, 12) and seen == [(1, 4, 8, 6)] * 2  # a quarter of the voxels scored
+    seen.clear()
+    train = coarse.decode(fq.requires_grad_(), bg, fg)  # training: every voxel, so gradients are exact
+    assert seen == [(1, 4, 16, 12)] * 2 and train.requires_grad
+    flat = torch.randn(1, 4, 1, 1).expand(1, 4, 16, 12)  # features constant over the image: no detail to lose
+    with torch.no_grad():
+        torch.testing.assert_close(coarse.decode(flat, bg, fg), fine.decode(flat, bg, fg))

@@ -158,6 +158,7 @@ class SegmentationConfig:
     local_threshold: float = Field(default=0.95, gt=0, le=1)  # share of a window inside the mask to keep it
     local_max: int = Field(default=256, ge=1)  # at most this many local windows per item (pool grows to fit)
     scale: float = Field(default=20.0, gt=0)  # cosine-similarity temperature (PANet)
+    score_stride: int = Field(default=1, ge=1)  # prediction: score prototypes on a grid this much coarser, upsample
     supervoxels: Literal["slic", "felzenszwalb"] = "slic"
     n_supervoxels: int = Field(default=60, ge=2)
     chunks: int = Field(default=3, ge=1)  # 2d evaluation: support/query slice chunks (SSL-ALPNet)
@@ -287,8 +288,8 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 _EPISODE_KEYS = ("episodes.shots", "episodes.queries", "episodes.eval_episodes", "seed")  # segmentation has no ways
 EVAL_KEYS: dict[str, tuple[str, ...]] = {
     "classification": (*_EPISODE_KEYS, "episodes.ways"),
-    "segmentation": (*_EPISODE_KEYS, "segmentation.fusion", "registration.instance_steps",  # propagate
-                     "registration.instance_lr"),
+    "segmentation": (*_EPISODE_KEYS, "segmentation.fusion", "segmentation.score_stride",
+                     "registration.instance_steps", "registration.instance_lr"),  # the last two: propagate
     "registration": ("registration.instance_steps", "registration.instance_lr", "registration.adapt_steps",
                      "registration.adapt_lr"),
 }

@@ -136,7 +136,8 @@ class ProtoSeg(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, divisor: int = 1, scale: float = 20.0, local_pool: int = 4,
-                 local_threshold: float = 0.95, use_local: bool = True, local_max: int = 256) -> None:
+                 local_threshold: float = 0.95, use_local: bool = True, local_max: int = 256,
+                 score_stride: int = 1) -> None:
         super().__init__()
         self.backbone = backbone
         self.divisor = divisor
@@ -145,6 +146,7 @@ class ProtoSeg(nn.Module):
         self.local_threshold = local_threshold
         self.use_local = use_local
         self.local_max = local_max
+        self.score_stride = score_stride
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Dense features `(B, F, *S)` of images `(B, 1, *S)` of any size (padded for the backbone, then cropped)."""
@@ -162,8 +164,21 @@ class ProtoSeg(nn.Module):
         return out[0], out[1]
 
     def decode(self, fq: torch.Tensor, bg: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-        """Logits `(Q, 2, *S)` of query features against the prototypes."""
-        return torch.stack([class_scores(fq, bg, self.scale), class_scores(fq, fg, self.scale)], dim=1)
+        """Logits `(Q, 2, *S)` of query features against the prototypes.
+
+        At prediction (no gradients) with `score_stride` s > 1, the features are average-pooled s x s (x s) first and
+        the logits interpolated back: scoring is the cost of prediction (every voxel against up to
+        `PROTOTYPE_CAP` prototypes), and it falls by s^2 (2D) or s^3 (3D).
+        """
+        s = self.score_stride
+        if s == 1 or torch.is_grad_enabled():
+            return torch.stack([class_scores(fq, bg, self.scale), class_scores(fq, fg, self.scale)], dim=1)
+        size = fq.shape[2:]
+        pool = F.avg_pool3d if fq.dim() == 5 else F.avg_pool2d
+        coarse = pool(fq, [min(s, n) for n in size], ceil_mode=True)
+        logits = torch.stack([class_scores(coarse, bg, self.scale), class_scores(coarse, fg, self.scale)], dim=1)
+        return F.interpolate(logits, size=size, mode="trilinear" if fq.dim() == 5 else "bilinear",
+                             align_corners=False)
 
     def forward(self, sx: torch.Tensor, sm: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
         bg, fg = self.prototypes(self.features(sx), sm)
@@ -215,4 +230,4 @@ def build_proto_seg(scfg: SegmentationConfig) -> ProtoSeg:
     """A `ProtoSeg` over the configured backbone, 2D or 3D per `scfg.mode`."""
     dims = 2 if scfg.mode == "2d" else 3
     return ProtoSeg(build_backbone(scfg, dims), backbone_divisor(scfg), scfg.scale, scfg.local_pool,
-                    scfg.local_threshold, local_max=scfg.local_max)
+                    scfg.local_threshold, local_max=scfg.local_max, score_stride=scfg.score_stride)
