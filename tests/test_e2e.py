@@ -38,6 +38,11 @@ def test_train_then_evaluate_writes_report_contract(cohort: Path, tmp_path: Path
         acc = block["accuracy"]
         assert 0.0 <= acc["ci95"][0] <= acc["mean"] <= acc["ci95"][1] <= 1.0
     assert set(report["classes"]) == set(split["novel"])
+    # per-episode accuracies (for pairing runs on one episode set) and per-class CIs inside [0, 1]
+    per = report["per_episode"]["accuracy"]
+    assert set(per) == {"trained", "untrained", "finetune"} and len(per["trained"]) == 10
+    assert sum(per["trained"]) / 10 == pytest.approx(report["metrics"]["accuracy"]["mean"])
+    assert all(0.0 <= c["recall"]["ci95"][0] and c["recall"]["ci95"][1] <= 1.0 for c in report["per_class"].values())
     assert (run / "accuracy.png").stat().st_size > 1000
     # the trained encoder under a new linear head, and the method minus it and minus the untrained weights,
     # episode by episode

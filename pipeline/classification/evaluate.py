@@ -15,7 +15,14 @@ from pipeline.classification.data import Items, open_source
 from pipeline.classification.episodes import Episode, evaluation_episodes, split_groups
 from pipeline.classification.train import build_model, episode_batch
 from pipeline.common.config import Config
-from pipeline.common.metrics import balanced_accuracy, confusion_matrix, macro_auc, mean_ci95, paired_differences
+from pipeline.common.metrics import (
+    BOUNDS,
+    balanced_accuracy,
+    confusion_matrix,
+    macro_auc,
+    mean_ci95,
+    paired_differences,
+)
 from pipeline.common.page import write_page
 from pipeline.common.progress import progress
 from pipeline.common.report import ci_text, paired_lines, plot_accuracy, plot_confusion, text_table, write_json
@@ -105,6 +112,8 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
         "per_class": _per_class(episodes, preds["trained"]),
         "confusion": {"classes": names, "matrix": confusion.tolist()},
         "no_better_than_untrained": no_better_than_untrained(per_episode["trained"], per_episode["untrained"]),
+        # query accuracy of each episode, indexed like episodes.json: runs on the same episode set pair up
+        "per_episode": {"accuracy": per_episode},
         "evaluation_seconds": time.perf_counter() - started,
     }
     if report["no_better_than_untrained"]:
@@ -159,7 +168,7 @@ def _per_class(episodes: list[Episode], preds: list[tuple[np.ndarray, np.ndarray
         p = probs.argmax(-1)
         for k, name in enumerate(ep.classes):
             per.setdefault(name, []).append(float((p[y == k] == k).mean()))
-    return {name: {"recall": mean_ci95(v)} for name, v in sorted(per.items())}
+    return {name: {"recall": mean_ci95(v, BOUNDS["accuracy"])} for name, v in sorted(per.items())}
 
 
 def summary_table(report: dict[str, Any]) -> str:
