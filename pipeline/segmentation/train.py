@@ -21,7 +21,7 @@ from pipeline.common import loop
 from pipeline.common.config import Config
 from pipeline.common.episodes import episode_loader
 from pipeline.common.report import write_json
-from pipeline.common.run import write_config
+from pipeline.common.run import pick_device, write_config
 from pipeline.segmentation.data import Case, load_cases, split_patients, split_structures
 from pipeline.segmentation.episodes import SegEpisodes, precompute_supervoxels
 
@@ -79,6 +79,9 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
     # label propagation trains its registration network on train.device; the prototype and MAML networks stay on
     # the CPU (their episode code does not move tensors yet)
     device = None if cfg.segmentation.method == "propagate" else torch.device("cpu")
+    if device is not None and pick_device(cfg.train.device).type != "cpu":
+        log.warning("segmentation.method %s trains and evaluates on the CPU (train.device %s applies to "
+                    "label propagation only)", cfg.segmentation.method, cfg.train.device)
     session = loop.begin(cfg, run_dir, resume, device=device)
     if session.world.main:
         write_config(cfg, session.run_dir)
