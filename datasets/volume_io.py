@@ -33,13 +33,12 @@ def load_nifti(path: Path) -> Volume:
         img = nib.load(path)
         # the header's shape, before a byte is decoded: scaled data comes back as float64, the rest goes on as
         # float32 at least
-        shape = img.header.get_data_shape()
+        shape, stored = img.header.get_data_shape(), img.header.get_data_dtype().itemsize
         scaled = getattr(img.dataobj, "slope", 1.0) != 1.0 or getattr(img.dataobj, "inter", 0.0) != 0.0
-        check_size(path, shape, 8 if scaled else max(4, img.header.get_data_dtype().itemsize))
-        declared = math.prod(shape) * img.header.get_data_dtype().itemsize
-        offset = int(img.header.get("vox_offset", 352)) if hasattr(img.header, "get") else 352
+        check_size(path, shape, 8 if scaled else max(4, stored))
         gz = str(path).lower().endswith(".gz")
-        check_stored(path, declared, Path(path).stat().st_size - (0 if gz else offset), gz, "voxel data")
+        data_bytes = Path(path).stat().st_size - (0 if gz else int(img.dataobj.offset))
+        check_stored(path, math.prod(shape) * stored, data_bytes, gz, "voxel data")
         array = np.asarray(img.dataobj)
     except InputError:
         raise

@@ -100,35 +100,26 @@ def demo_adapt(run_dir: Path, out: Path, shots: int = 5, queries: int = 10) -> s
             f"(chance {1 / len(set(truth)):.2f}) -> {out / 'predictions' / 'predictions.csv'}")
 
 
-def demo_segmentation(out: Path) -> str:
-    """Journey 3: 1-shot label propagation of each synthetic organ onto held-out subjects (training reads no
-    label), against SimpleITK atlas registration on the same episodes."""
-    from datasets.synth_decathlon import write_synthetic_organs
+def demo_decathlon(out: Path, task: str) -> str:
+    """Journeys 3 and 4 on a synthetic Decathlon folder, each with its demo config (`configs/demo_*.yaml`).
+
+    segmentation: 1-shot label propagation of each synthetic organ onto held-out subjects (training reads no label),
+    against SimpleITK atlas registration on the same episodes; registration: inter-subject deformable registration
+    of held-out synthetic subjects, against SimpleITK affine + demons.
+    """
+    import importlib
+
+    from datasets.synth_decathlon import write_synthetic_organs, write_synthetic_subjects
     from pipeline.common.config import load_config
-    from pipeline.segmentation.task import evaluate, summary_table, train
 
-    data = out / "organs"
+    folder, write, config = {"segmentation": ("organs", write_synthetic_organs, "demo_segment.yaml"),
+                             "registration": ("subjects", write_synthetic_subjects, "demo_register.yaml")}[task]
+    module = importlib.import_module(f"pipeline.{task}.task")
+    data = out / folder
     if not (data / "dataset.json").is_file():
-        write_synthetic_organs(data, n_cases=16, seed=0)
-    cfg = load_config(REPO / "configs" / "demo_segment.yaml", [f"data.root={data}"])
-    run_dir = train(cfg, out / "run")
-    report = evaluate(run_dir, None)
-    return f"{summary_table(report)}\n{_report_lines(run_dir)}"
-
-
-def demo_registration(out: Path) -> str:
-    """Inter-subject deformable registration of held-out synthetic subjects, against SimpleITK affine + demons."""
-    from datasets.synth_decathlon import write_synthetic_subjects
-    from pipeline.common.config import load_config
-    from pipeline.registration.task import evaluate, summary_table, train
-
-    data = out / "subjects"
-    if not (data / "dataset.json").is_file():
-        write_synthetic_subjects(data, n_cases=16, seed=0)
-    cfg = load_config(REPO / "configs" / "demo_register.yaml", [f"data.root={data}"])
-    run_dir = train(cfg, out / "run")
-    report = evaluate(run_dir, None)
-    return f"{summary_table(report)}\n{_report_lines(run_dir)}"
+        write(data, n_cases=16, seed=0)
+    run_dir = module.train(load_config(REPO / "configs" / config, [f"data.root={data}"]), out / "run")
+    return f"{module.summary_table(module.evaluate(run_dir, None))}\n{_report_lines(run_dir)}"
 
 
 def run_demo(out: Path, task: str = "all", overrides: list[str] | None = None) -> str:
@@ -150,9 +141,7 @@ def run_demo(out: Path, task: str = "all", overrides: list[str] | None = None) -
         if journey == "classification":
             text, run_dir = demo_classification(out / journey, overrides or [])
             text += "\n\n== adapt + predict ==\n" + demo_adapt(run_dir, out / journey / "adapt")
-        elif journey == "segmentation":
-            text = demo_segmentation(out / journey)
         else:
-            text = demo_registration(out / journey)
+            text = demo_decathlon(out / journey, journey)
         parts.append(f"== {journey} ({time.perf_counter() - start:.0f} s) ==\n{text}")
     return "\n\n".join(parts) + f"\n\ndemo finished in {time.perf_counter() - total:.0f} s; everything is under {out}"

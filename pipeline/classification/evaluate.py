@@ -13,7 +13,7 @@ import torch
 
 from pipeline.classification.data import Items, open_source
 from pipeline.classification.episodes import Episode, evaluation_episodes, split_groups
-from pipeline.classification.train import build_model, episode_batch
+from pipeline.classification.train import NO_GAIN_ADVICE, build_model, episode_batch
 from pipeline.common.config import Config
 from pipeline.common.metrics import (
     BOUNDS,
@@ -117,18 +117,14 @@ def evaluate(run_dir: Path, out: Path | None = None, episodes_file: Path | None 
         "evaluation_seconds": time.perf_counter() - started,
     }
     if report["no_better_than_untrained"]:
-        log.warning("WARNING: %s", NO_GAIN_ADVICE)
+        log.warning("WARNING: the trained model is no better than untrained on these novel-class episodes (the "
+                    "paired accuracy interval reaches 0): %s", NO_GAIN_ADVICE)
     write_json(report, out)
     write_json(report["confusion"], out.with_name(f"confusion{suffix}.json"))
     plot_confusion(confusion, names, out.with_name(f"confusion{suffix}.png"))
     plot_accuracy(per_episode, chance, out.with_name(f"accuracy{suffix}.png"))
     write_page(run_dir, out, suffix=suffix)
     return report
-
-
-NO_GAIN_ADVICE = ("the trained model is no better than untrained on these novel-class episodes (the paired accuracy "
-                  "interval reaches 0): check the learning curve, raise train.iterations or lower train.lr, give "
-                  "training more base classes, or try configs/classify_finetune.yaml; do not adapt with this run yet")
 
 
 def no_better_than_untrained(trained: Sequence[float], untrained: Sequence[float]) -> bool:

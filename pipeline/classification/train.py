@@ -229,8 +229,12 @@ def no_gain_warning(state: dict[str, Any]) -> str | None:
     if best is None or untrained is None or best > untrained:
         return None
     return (f"validation accuracy never beat the untrained encoder's (best {best:.3f}, untrained {untrained:.3f}): "
-            "check the learning curve, raise train.iterations or lower train.lr, give training more base classes, "
-            "or try configs/classify_finetune.yaml; `evaluate` reports whether the novel classes gained")
+            f"{NO_GAIN_ADVICE}")
+
+
+# What to do when training did not beat the untrained encoder (train's warning, evaluate's flag)
+NO_GAIN_ADVICE = ("check the learning curve, raise train.iterations or lower train.lr, give training more base "
+                  "classes, or try configs/classify_finetune.yaml; do not adapt with this run yet")
 
 
 # --- the entry point ---------------------------------------------------------------------------------------------

@@ -254,7 +254,6 @@ def set_threads(cfg: Config) -> None:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cfg.train.threads)
 
 
-
 def discard_failed_run(run_dir: Path, fresh: bool) -> None:
     """Remove the run folder a refused `train` created (`fresh`: it did not exist before), unless it already holds
     a checkpoint to resume from: a failed run leaves nothing behind, an interrupted one keeps its progress."""
@@ -263,7 +262,19 @@ def discard_failed_run(run_dir: Path, fresh: bool) -> None:
 
 
 def check_run_weights(run_dir: Path) -> None:
-    """Read the run's trained and untrained weights once before an evaluation writes anything (its episode set
-    first of all), so a damaged weights file is refused up front. Raises InputError naming the file."""
-    for name in ("model.safetensors", "untrained.safetensors"):
-        read_tensors(Path(run_dir) / name)
+    """Parse the headers of the run's trained and untrained weights (no tensor is read) before an evaluation
+    writes anything, its episode set first of all, so a damaged weights file is refused up front.
+
+    Raises:
+        InputError: naming the file: missing, or not a safetensors file.
+    """
+    from safetensors import safe_open
+
+    for path in (Path(run_dir) / "model.safetensors", Path(run_dir) / "untrained.safetensors"):
+        if not path.is_file():
+            raise InputError(path, "missing: the run is incomplete; train it again")
+        try:
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        except Exception as err:  # SafetensorError and the header parser's errors
+            raise InputError(path, f"not a safetensors weights file ({str(err).strip().splitlines()[0]})") from None
