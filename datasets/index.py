@@ -5,13 +5,16 @@ Patient identity never leaves this module raw: rows carry ``patient_key``, a sal
 ``patient_id`` are joined through the same hash. The default salt is public, so its keys are pseudonyms
 against casual reading only: set ``FEWSCAN_SALT`` to a secret for real patient data.
 
+Rows also carry ``series_key``, the same salted hash of the series' path relative to ``root``: TCIA folders are
+named by PatientID, so `write_manifest` writes that key to disk and the paths to a locator beside it
+(`datasets.manifest`).
+
 Re-indexing is incremental: per-file header summaries are kept in a JSON cache beside the manifest and a file
 with the same path, size and mtime is not re-read.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -29,18 +32,17 @@ from datasets import dicom
 from datasets.dicom_frames import Frame, frames_of, is_image
 from datasets.dicom_geometry import plan_stacks
 from datasets.guard import malformed
+from datasets.manifest import SERIES_COLUMNS, join_paths, read_manifest, write_manifest
 from datasets.volume import InputError, atomic_path
 from datasets.volume_io import VOLUME_SUFFIXES, load_volume, read_sidecar
 from datasets.world import LPS_TO_RAS, sitk_ras_affine
 
-__all__ = ["index_tree", "load_volume", "patient_key", "read_manifest", "write_manifest"]
+__all__ = ["index_tree", "load_volume", "locate", "patient_key", "read_manifest", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SALT = "fewscan-public-salt-v1"
 RAW_ID_COLUMNS = ("patient_id", "PatientID")
-SERIES_COLUMNS = ["path", "kind", "modality", "series_uid", "study_uid", "patient_key", "shape", "spacing",
-                  "orientation", "n_files", "labels_for", "label_names", "description", "stack", "issues"]
 CACHE_VERSION = 1
 
 
@@ -282,7 +284,7 @@ def _decathlon(root: Path, rows: list[dict[str, str]]) -> None:
             image.update(split=split, modality=image.get("modality") or modality)
             label = by_path.get(str((spec_file.parent / entry["label"]).resolve())) if entry.get("label") else None
             if label is not None:
-                label.update(split=split, labels_for=image["path"], label_names=names)
+                label.update(split=split, labels_for=image["series_key"], label_names=names)
 
 
 def index_tree(
@@ -317,6 +319,8 @@ def index_tree(
     rows, sop_to_series, series_patient = _series_rows(summaries)
     if not rows:
         raise InputError(root, "no DICOM series or volume files found")
+    for r in rows:  # the on-disk name of a series: its path relative to root says the patient's folder name
+        r["series_key"] = patient_key(os.path.relpath(r["path"], root), salt)
     _link_labels(rows)
     _decathlon(root, rows)
     rows.sort(key=lambda r: (r["kind"] != "dicom", r.get("patient_key", ""), r.get("study_uid", ""), r["path"],
@@ -324,7 +328,10 @@ def index_tree(
     if labels is not None:
         rows = join_findings(rows, labels, sop_to_series, series_patient, salt=salt, raw_ids=raw_ids)
     _save_cache(cache, cached, salt)  # only now: a refused index leaves nothing beside its output
-    return [{c: str(r.get(c, "")) for c in _columns(rows)} for r in rows]
+    cols = list(SERIES_COLUMNS)
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    return [{c: str(r.get(c, "")) for c in cols} for r in rows]
 
 
 def join_findings(
@@ -371,26 +378,18 @@ def _finding_targets(f: dict[str, str], sop_to_series: dict, series_patient: dic
     return []
 
 
-def _columns(rows: list[dict[str, str]]) -> list[str]:
-    cols = list(SERIES_COLUMNS)
-    for r in rows:
-        cols.extend(k for k in r if k not in cols)
-    return cols
+def locate(rows: list[dict[str, str]], manifest: Path, root: Path | None) -> list[dict[str, str]]:
+    """Give every row its ``path``: rows that lack one are found by ``series_key`` in a fresh index of `root`.
 
+    Raises:
+        InputError: naming `manifest`, when `root` is missing or a series is no longer under it (moved,
+            deleted, or indexed under another ``FEWSCAN_SALT``).
+    """
+    if all(r.get("path") for r in rows):
+        return rows
+    if root is None or not Path(root).is_dir():
+        raise InputError(manifest, "names its series by series_key only, and data.root "
+                         f"({root or 'not set'}) is not a folder to find them in")
+    from datasets.index import index_tree
 
-def write_manifest(rows: list[dict[str, str]], out: Path) -> None:
-    """Write rows as CSV (header = union of keys, first-seen order); all-or-nothing."""
-    cols = _columns(rows)
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_manifest(path: Path) -> list[dict[str, str]]:
-    """Read a manifest (or any CSV with a header) as a list of string dicts."""
-    try:
-        with open(path, newline="") as fh:
-            return [dict(r) for r in csv.DictReader(fh)]
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise InputError(path, f"cannot read CSV: {err}") from err
+    return join_paths(rows, {r["series_key"]: r["path"] for r in index_tree(Path(root))}, manifest, f"{root}")

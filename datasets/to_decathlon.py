@@ -28,12 +28,12 @@ from datasets.volume_io import write_nifti
 def labelled_series(rows: list[dict[str, str]]) -> list[tuple[dict[str, str], dict[str, str]]]:
     """(image row, label row) of every DICOM image series a label object refers to, in manifest order."""
     images = {r["series_uid"]: r for r in rows if r["kind"] == "dicom" and r.get("series_uid")}
-    by_path = {r["path"]: r for r in rows if r["kind"] == "dicom"}
+    by_key = {r["series_key"]: r for r in rows if r["kind"] == "dicom"}
     out = []
     for r in rows:
         if r["kind"] not in ("seg", "rtstruct", "nifti") or not r.get("labels_for"):
             continue
-        image = images.get(r["labels_for"]) or by_path.get(r["labels_for"])
+        image = images.get(r["labels_for"]) or by_key.get(r["labels_for"])
         if image is not None:
             out.append((image, r))
     return out

@@ -45,19 +45,22 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="manifest CSV to write")
     p.add_argument("--workers", type=int, default=0, help="header-reading processes (default: in-process)")
     p.add_argument("--salt", default=None, help="patient-key salt (default: env FEWSCAN_SALT, else a public one)")
-    p.add_argument("--raw-ids", action="store_true", help="keep raw patient-ID columns of the findings CSV")
+    p.add_argument("--raw-ids", action="store_true",
+                   help="keep raw patient-ID columns of the findings CSV, and file paths in the manifest itself")
     p.add_argument("--no-cache", action="store_true",
                    help="re-read every file (default: reuse OUT.cache.json for unchanged files)")
 
 
 def _index(args: argparse.Namespace) -> int:
-    from datasets.index import index_tree, write_manifest
+    from datasets.index import index_tree
+    from datasets.manifest import locator_of, write_manifest
 
     cache = None if args.no_cache else args.out.with_name(args.out.name + ".cache.json")
     rows = index_tree(args.root, labels=args.labels, workers=args.workers, salt=args.salt, raw_ids=args.raw_ids,
                       cache=cache)
-    write_manifest(rows, args.out)
-    print(f"indexed {len(rows)} rows -> {args.out}")
+    write_manifest(rows, args.out, locations="inline" if args.raw_ids else "beside")
+    where = "" if args.raw_ids else f" (file locations in {locator_of(args.out).name}, which names patient folders)"
+    print(f"indexed {len(rows)} rows -> {args.out}{where}")
     return 0
 
 

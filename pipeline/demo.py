@@ -44,18 +44,22 @@ def demo_classification(out: Path, overrides: list[str]) -> tuple[str, Path]:
 
 
 def _rare_lesions(run_dir: Path) -> dict[str, list[dict[str, str]]]:
-    """The run's manifest rows of each held-out (novel) lesion type, one row per patient, in manifest order."""
+    """The run's manifest rows of each held-out (novel) lesion type, one row per patient, in manifest order, each
+    with its series folder found again under the run's `data.root`."""
     import json
+
+    from datasets.index import locate, read_manifest
+    from pipeline.common.run import load_run_config
 
     novel = json.loads((run_dir / "split.json").read_text())["novel"]
     by_type: dict[str, list[dict[str, str]]] = {t: [] for t in novel}
     seen: set[tuple[str, str]] = set()
-    with (run_dir / "manifest.csv").open(newline="") as f:
-        for row in csv.DictReader(f):
-            kind = row.get("lesion_type", "")
-            if kind in by_type and (kind, row["patient_key"]) not in seen:
-                seen.add((kind, row["patient_key"]))
-                by_type[kind].append(row)
+    manifest = run_dir / "manifest.csv"
+    for row in locate(read_manifest(manifest), manifest, Path(load_run_config(run_dir).data.root)):
+        kind = row.get("lesion_type", "")
+        if kind in by_type and (kind, row["patient_key"]) not in seen:
+            seen.add((kind, row["patient_key"]))
+            by_type[kind].append(row)
     return by_type
 
 

@@ -72,6 +72,34 @@ def test_raw_ids_only_when_asked_and_manifest_round_trip(tmp_path: Path) -> None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
 
 
+def test_manifest_on_disk_names_series_by_key_and_locates_them_again(tmp_path: Path) -> None:
+    """Folder names are patient IDs (P1, P2 here): the manifest holds series_key, the locator beside it the paths;
+    a copy without locator is found again under its root, and a moved series is a clean error."""
+    import shutil
+
+    from datasets.index import locate
+    from datasets.manifest import locator_of
+    from datasets.volume import InputError
+
+    tree = tmp_path / "tree"
+    make_tree(tree)
+    rows = index_tree(tree)
+    out, bare = tmp_path / "m.csv", tmp_path / "run" / "m.csv"
+    write_manifest(rows, out)
+    write_manifest(rows, bare, locations="none")
+    assert "path" not in out.read_text().splitlines()[0].split(",") and "/P1" not in out.read_text()
+    assert locator_of(out).name == "m.paths.csv" and "/P1" in locator_of(out).read_text()
+    assert read_manifest(out) == rows  # the locator puts every path back
+    assert not locator_of(bare).exists() and all("path" not in r for r in read_manifest(bare))
+    assert locate(read_manifest(bare), bare, tree) == rows
+    with pytest.raises(InputError, match="data.root"):
+        locate(read_manifest(bare), bare, None)
+    shutil.move(tree / "P2", tmp_path / "elsewhere")
+    with pytest.raises(InputError, match="not found in") as err:
+        locate(read_manifest(bare), bare, tree)
+    assert "m.csv" in str(err.value) and "P2" not in str(err.value)
+
+
 def test_incremental_cache_and_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_tree(tmp_path / "tree")
     cache = tmp_path / "cache.json"
@@ -117,7 +145,7 @@ def test_decathlon_dataset_json_links_labels_and_splits(tmp_path: Path) -> None:
     rows = {Path(r["path"]).relative_to(root).as_posix(): r for r in index_tree(root)}
     assert len(rows) == 5
     label = rows["labelsTr/spleen_2.nii.gz"]
-    assert label["labels_for"] == rows["imagesTr/spleen_2.nii.gz"]["path"] and label["split"] == "train"
+    assert label["labels_for"] == rows["imagesTr/spleen_2.nii.gz"]["series_key"] and label["split"] == "train"
     assert json.loads(label["label_names"]) == {"0": "background", "1": "spleen"}
     assert rows["imagesTs/spleen_3.nii.gz"]["split"] == "test" and rows["imagesTr/spleen_1.nii.gz"]["modality"] == "CT"
     assert rows["imagesTr/spleen_1.nii.gz"]["spacing"] == "0.8x0.8x5"

@@ -1,7 +1,8 @@
 """No raw patient identifier in anything synth -> index -> train -> evaluate -> report writes or prints (issue #19).
 
-The one documented exception: the manifest's `path` column, which must point at the collection's own folders
-(TCIA names them by patient ID); every other column, file and log line is checked.
+The one documented exception is the data-side locator `index` writes beside its manifest (`m.paths.csv`, and the
+header cache `m.csv.cache.json`): it must point at the collection's own folders, which TCIA names by patient ID.
+Every other file, column and log line is checked, the manifests included.
 """
 
 from __future__ import annotations
@@ -31,15 +32,13 @@ def test_no_patient_id_in_outputs_or_logs(tmp_path: Path, capsys: pytest.Capture
     printed = capsys.readouterr()
     assert not RAW.search(printed.out + printed.err + caplog.text)
 
+    locator = list(csv.DictReader((tmp_path / "m.paths.csv").open()))
+    assert locator and all(RAW.search(r["path"]) for r in locator)  # the exception is real: folders are IDs
     checked = 0
     for path in [tmp_path / "m.csv", *sorted(run.rglob("*"))]:
         if not path.is_file() or path.suffix not in {".csv", ".json", ".yaml", ".html", ".txt"}:
             continue
         text = path.read_text()
-        if path.suffix == ".csv" and "path" in text.splitlines()[0].split(","):
-            rows = list(csv.DictReader(path.open()))
-            text = "\n".join(",".join(v for k, v in r.items() if k != "path") for r in rows)
-            assert rows and any(RAW.search(r["path"]) for r in rows)  # the exception is real: folders are IDs
         assert not RAW.search(text), f"{path.name}: {RAW.search(text).group()}"
         checked += 1
-    assert checked >= 8  # manifest, config, split, curves, state, episodes, report.json, report.html, ...
+    assert checked >= 9  # manifests, config, split, curves, state, episodes, report.json, report.html, ...

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import csv
 import io
 import json
 import shutil
@@ -153,10 +152,11 @@ def patient_identifiers(run: Path) -> set[str]:
             records = [r for part in records.values() for r in part] if isinstance(records, dict) else records
             found.update(c[k] for r in records for c in r["cases"] for k in ("patient_key", "case_id") if k in c)
     if (run / "manifest.csv").is_file():  # the patient key and the raw patient folder (e.g. SYN0015) of each row
+        from datasets.index import locate, read_manifest
+
         root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
-        with (run / "manifest.csv").open() as f:
-            for row in csv.DictReader(f):
-                found.update([row["patient_key"], Path(row["path"]).relative_to(root).parts[0]])
+        for row in locate(read_manifest(run / "manifest.csv"), run / "manifest.csv", root):
+            found.update([row["patient_key"], Path(row["path"]).relative_to(root).parts[0]])
     found.discard("")
     return found
 

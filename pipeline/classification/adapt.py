@@ -77,7 +77,7 @@ def read_support(spec: Path, cfg: Config, manifest: Path | None = None) -> list[
         if label is None or not header & {"path", "series_uid"}:
             raise InputError(spec, f"a support CSV needs a label column ('label' or '{cfg.data.label_column}') and "
                              "'path' (or the 'series_uid' of a findings CSV)")
-        where = _series_paths(manifest) if "path" not in header else {}
+        where = _series_paths(manifest, cfg) if "path" not in header else {}
         rows = [(row_item(row, spec, n, where), row[label], row_centre(row, cfg, spec, n))
                 for n, row in enumerate(table, start=2)]
     if not rows:
@@ -114,12 +114,16 @@ def row_centre(row: dict[str, str], cfg: Config, spec: Path, n: int) -> list[flo
         raise InputError(spec, f"line {n}: centre {cfg.data.center_columns} is not numeric") from None
 
 
-def _series_paths(manifest: Path | None) -> dict[str, Path]:
-    """series_uid -> series path of a manifest CSV (empty without one)."""
+def _series_paths(manifest: Path | None, cfg: Config) -> dict[str, Path]:
+    """series_uid -> series path of a manifest CSV (empty without one); a run's manifest names no paths, so its
+    series are found again under `data.root`."""
+    from datasets.index import locate, read_manifest
+
     if manifest is None or not Path(manifest).is_file():
         return {}
-    with Path(manifest).open(newline="") as f:
-        return {r["series_uid"]: Path(r["path"]) for r in csv.DictReader(f) if r.get("series_uid")}
+    rows = [r for r in read_manifest(Path(manifest)) if r.get("series_uid")]
+    rows = locate(rows, Path(manifest), Path(cfg.data.root) if cfg.data.root else None)
+    return {r["series_uid"]: Path(r["path"]) for r in rows}
 
 
 def lesion_crops(cfg: Config) -> bool:
@@ -256,7 +260,7 @@ def read_queries(spec: Path, cfg: Config, manifest: Path | None = None) -> list[
     if not table or not set(table[0]) & {"path", "series_uid"}:
         raise InputError(spec, "a query CSV needs a header with a 'path' column (or the 'series_uid' of a findings "
                          f"CSV) and optionally {cfg.data.center_columns}")
-    where = _series_paths(manifest) if "path" not in table[0] else {}
+    where = _series_paths(manifest, cfg) if "path" not in table[0] else {}
     return [(row_item(row, spec, n, where), row_centre(row, cfg, spec, n)) for n, row in enumerate(table, start=2)]
 
 

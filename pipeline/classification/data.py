@@ -103,19 +103,21 @@ class TciaSource:
 
 
 def _row_group(row: dict[str, str]) -> str:
-    return row.get("patient_key") or row["path"]
+    return row.get("patient_key") or row.get("series_key") or row["path"]
 
 
 def _row_id(row: dict[str, str], n: int) -> str:
-    return f"{row.get('series_uid') or row['path']}#{row.get('lesion_id') or n}"
+    return f"{row.get('series_uid') or row.get('series_key') or row['path']}#{row.get('lesion_id') or n}"
 
 
 def manifest_rows(cfg: Config, run_dir: Path | None = None) -> list[dict[str, str]]:
-    """The manifest named in the config, or a fresh index of `data.root` (written into `run_dir`)."""
-    from datasets.index import index_tree, read_manifest, write_manifest
+    """The manifest named in the config, or a fresh index of `data.root` (written into `run_dir` without file
+    paths, which name patient folders: `datasets.manifest`)."""
+    from datasets.index import index_tree, locate, read_manifest, write_manifest
 
     if cfg.data.manifest:
-        return read_manifest(Path(cfg.data.manifest))
+        manifest = Path(cfg.data.manifest)
+        return locate(read_manifest(manifest), manifest, Path(cfg.data.root) if cfg.data.root else None)
     root = Path(cfg.data.root)
     if not root.is_dir():
         raise InputError(root, "data.root is not a folder")
@@ -124,7 +126,7 @@ def manifest_rows(cfg: Config, run_dir: Path | None = None) -> list[dict[str, st
         raise InputError(labels, "findings CSV named by data.labels not found")
     rows = index_tree(root, labels=labels)
     if run_dir is not None:
-        write_manifest(rows, run_dir / "manifest.csv")
+        write_manifest(rows, run_dir / "manifest.csv", locations="none")
     return rows
 
 
