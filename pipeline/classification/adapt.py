@@ -29,7 +29,7 @@ from datasets.volume import FewscanError, InputError, atomic_path
 from pipeline.classification.train import build_model
 from pipeline.common.config import Config
 from pipeline.common.report import write_json
-from pipeline.common.run import load_run_config, load_weights, read_split, read_tensors
+from pipeline.common.run import load_run_config, load_weights, pick_device, read_split, read_tensors
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -206,8 +206,8 @@ def _model(run: Path, weights: Path) -> tuple[Config, torch.nn.Module, dict[str,
     cfg = load_run_config(run)
     split = read_split(run)
     state = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else {}
-    model = load_weights(build_model(cfg, n_base=len(split["base"])), weights).eval()
-    return cfg, model, {"n_base": len(split["base"]), "item_shape": state.get("item_shape")}
+    model = load_weights(build_model(cfg, n_base=len(split["base"])), weights).to(pick_device(cfg.train.device))
+    return cfg, model.eval(), {"n_base": len(split["base"]), "item_shape": state.get("item_shape")}
 
 
 def adapt(run_or_checkpoint: Path, support: Path, out: Path) -> dict[str, Any]:
@@ -224,8 +224,9 @@ def adapt(run_or_checkpoint: Path, support: Path, out: Path) -> dict[str, Any]:
                                                                                  cfg.train.ways or 0):
         raise InputError(support, f"{cfg.method.name} was trained with a {cfg.episodes.ways}-way head; the "
                          f"support set has {len(classes)} classes")
-    x = torch.stack([load_item(p, cfg, tuple(info["item_shape"]), c) for p, _, c in rows])
-    y = torch.tensor([classes.index(label) for _, label, _ in rows])
+    device = next(model.parameters()).device  # train.device: items are read on the CPU and moved
+    x = torch.stack([load_item(p, cfg, tuple(info["item_shape"]), c) for p, _, c in rows]).to(device)
+    y = torch.tensor([classes.index(label) for _, label, _ in rows], device=device)
     with torch.no_grad():
         fitted = model.fit(x, y, len(classes))
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +236,7 @@ def adapt(run_or_checkpoint: Path, support: Path, out: Path) -> dict[str, Any]:
         shutil.copyfile(weights, tmp)
     with atomic_path(out / "state.safetensors") as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in fitted.items()}, str(tmp))
-    summary = {"method": cfg.method.name, "classes": classes, "support_per_class": {c: int((y == i).sum())
+    summary = {"method": cfg.method.name, "classes": classes, "support_per_class": {c: int((y == i).sum().item())
                for i, c in enumerate(classes)}, "item_shape": info["item_shape"], "run": str(run.resolve())}
     write_json(summary, out / "adapted.json")
     (out / "state.json").write_text(json.dumps({"item_shape": info["item_shape"]}))
@@ -282,11 +283,12 @@ def predict(adapted: Path, inputs: list[Path], centre: list[float] | None = None
     if not rows:
         raise FewscanError("no inputs: name scans or give --queries CSV")
     items = [load_item(p, cfg, tuple(summary["item_shape"]), c, whole_volume)[None] for p, c in rows]
-    fitted = {k: v for k, v in read_tensors(adapted / "state.safetensors").items()}
+    device = next(model.parameters()).device
+    fitted = {k: v.to(device) for k, v in read_tensors(adapted / "state.safetensors").items()}
     results = []
     for (path, c), x in zip(rows, items, strict=True):
         with torch.no_grad():
-            probs = torch.softmax(model.predict(fitted, x).float(), -1)[0]
+            probs = torch.softmax(model.predict(fitted, x.to(device)).float(), -1)[0].cpu()
         classes = summary["classes"]
         results.append({"input": str(path), "centre": c, "prediction": classes[int(probs.argmax())],
                         "probabilities": {k: float(v) for k, v in zip(classes, probs, strict=True)}})

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from datasets.volume import InputError, Volume, atomic_path
 from pipeline.common.config import Config
 from pipeline.common.report import write_json
-from pipeline.common.run import load_run_config, load_weights, read_tensors
+from pipeline.common.run import load_run_config, load_weights, pick_device, read_tensors
 from pipeline.segmentation.evaluate import axial_slices, foreground_slices, run_learned
 from pipeline.segmentation.train import build_model
 
@@ -105,20 +105,22 @@ def adapt(run_dir: Path, support: Path, out: Path, structure: str | None = None)
     if scfg.method == "propagate":  # the supports themselves: each query is registered to them at predict time
         state, name = volumes, "supports.safetensors"
         extra["volume_size"] = json.loads((run_dir / "state.json").read_text())["volume_size"]
-    elif scfg.method == "proto":
-        model = load_weights(build_model(cfg), run_dir / "model.safetensors").eval()
-        with torch.no_grad():
-            bg, fg = support_prototypes(model, images, masks, tuple(scfg.crop) if scfg.mode == "3d" else None)
-        state, name = {"bg": bg, "fg": fg}, "prototypes.safetensors"
-    else:
-        model = load_weights(build_model(cfg), run_dir / "model.safetensors").eval()
-        state, name = adapt_maml(model, scfg, images, masks, cfg.seed), "fast.safetensors"
+    else:  # on train.device; what is saved comes back to the CPU
+        device = pick_device(cfg.train.device)
+        model = load_weights(build_model(cfg), run_dir / "model.safetensors").to(device).eval()
+        images, masks = [x.to(device) for x in images], [m.to(device) for m in masks]
+        if scfg.method == "proto":
+            with torch.no_grad():
+                bg, fg = support_prototypes(model, images, masks, tuple(scfg.crop) if scfg.mode == "3d" else None)
+            state, name = {"bg": bg, "fg": fg}, "prototypes.safetensors"
+        else:
+            state, name = adapt_maml(model, scfg, images, masks, cfg.seed), "fast.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run_dir / "config.yaml", out / "config.yaml")
     with atomic_path(out / "model.safetensors") as tmp:
         shutil.copyfile(run_dir / "model.safetensors", tmp)
     with atomic_path(out / name) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in state.items()}, str(tmp))
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
     summary = {"task": "segmentation", "method": scfg.method, "mode": scfg.mode, "structure": structure or "mask",
                "shots": len(images), **extra}
     write_json(summary, out / "adapted.json")
@@ -140,22 +142,22 @@ def predict(adapted: Path, inputs: list[Path], out: Path) -> list[dict[str, Any]
     cfg = load_run_config(adapted)
     scfg = cfg.segmentation
     roi = tuple(scfg.crop) if scfg.mode == "3d" else None
+    device = pick_device(cfg.train.device)
     if scfg.method == "propagate":
         predictor = _propagator(cfg, adapted, info)
-    elif scfg.method == "proto":
-        model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
-        state = read_tensors(adapted / "prototypes.safetensors")
-        predictor = proto_predictor(model, state["bg"], state["fg"], roi)
     else:
-        model = load_weights(build_model(cfg), adapted / "model.safetensors").eval()
-        predictor = maml_predictor(model, scfg, read_tensors(adapted / "fast.safetensors"))
+        model = load_weights(build_model(cfg), adapted / "model.safetensors").to(device).eval()
+        state = {k: v.to(device) for k, v in read_tensors(adapted / (
+            "prototypes.safetensors" if scfg.method == "proto" else "fast.safetensors")).items()}
+        predictor = (proto_predictor(model, state["bg"], state["fg"], roi) if scfg.method == "proto" else
+                     maml_predictor(model, scfg, state))
     results = []
     for i, path in enumerate(inputs):
         path = Path(path)
         image = _load_image(path)
         case = make_case(f"input{i}", image, None, {}, cfg.transforms, str(path))
         mask = (predictor(case.image) if scfg.method == "propagate" else
-                run_learned(lambda xs, ms: predictor, scfg.mode, [], case.image, None, 1, True))
+                run_learned(lambda xs, ms: predictor, scfg.mode, [], case.image, None, 1, True, device))
         row = write_prediction(mask, case.affine, path, image, out / f"pred_{i:02d}", info["structure"],
                                scfg.codes)
         results.append(row)
@@ -167,7 +169,7 @@ def _propagator(cfg: Config, adapted: Path, info: dict[str, Any]) -> Callable[[n
     from pipeline.segmentation.propagate import build_net, propagate
 
     grid = tuple(int(v) for v in info["volume_size"])
-    net = load_weights(build_net(cfg, grid), adapted / "model.safetensors").eval()
+    net = load_weights(build_net(cfg, grid), adapted / "model.safetensors").to(pick_device(cfg.train.device)).eval()
     stored = read_tensors(adapted / "supports.safetensors")
     supports = [(stored[f"image_{n}"].numpy(), stored[f"mask_{n}"].numpy()) for n in range(info["shots"])]
     return lambda image: propagate(net, cfg.registration, supports, image, grid, cfg.segmentation.fusion == "local")

@@ -29,7 +29,7 @@ from pipeline.common.metrics import dice_hd95, metric_block, paired_differences
 from pipeline.common.page import write_page
 from pipeline.common.progress import progress
 from pipeline.common.report import ci_text, paired_lines, plot_dice_boxes, plot_overlay, text_table, write_json
-from pipeline.common.run import evaluation_files, load_run_config, load_weights, set_threads
+from pipeline.common.run import evaluation_files, load_run_config, load_weights, pick_device, set_threads
 from pipeline.segmentation.data import Case, load_cases, split_patients, split_structures
 from pipeline.segmentation.episodes import fixed_episodes, role_ids
 from pipeline.segmentation.train import build_model
@@ -53,7 +53,7 @@ def foreground_slices(mask: np.ndarray) -> np.ndarray:
 
 def run_learned(fit: Callable[[list[torch.Tensor], list[torch.Tensor]], Predictor], mode: str,
                 supports: list[tuple[np.ndarray, np.ndarray]], query: np.ndarray, zrange: tuple[int, int] | None,
-                chunks: int, no_grad_fit: bool) -> np.ndarray:
+                chunks: int, no_grad_fit: bool, device: torch.device | None = None) -> np.ndarray:
     """Segment one query volume `(I, J, K)` with a fitted predictor; returns a bool mask of the same shape.
 
     Args:
@@ -62,15 +62,18 @@ def run_learned(fit: Callable[[list[torch.Tensor], list[torch.Tensor]], Predicto
         zrange: 2D only: first and last query slice to segment (SSL-ALPNet protocol); None = every slice, one chunk.
         chunks: 2D: number of chunks (1 = every support structure slice serves every query slice).
         no_grad_fit: fitting needs no gradients (prototypes); fine-tuning and MAML need them.
+        device: where the predictor's network is (default: the CPU); volumes are sliced on the CPU and moved.
     """
+    device = device or torch.device("cpu")
     grad = torch.no_grad() if no_grad_fit else torch.enable_grad()
     pred = np.zeros(query.shape, bool)
     if mode == "3d":
         with grad:
-            predictor = fit([torch.from_numpy(s[0])[None, None].float() for s in supports],
-                            [torch.from_numpy(s[1].astype(np.float32))[None, None] for s in supports])
+            predictor = fit([torch.from_numpy(s[0])[None, None].float().to(device) for s in supports],
+                            [torch.from_numpy(s[1].astype(np.float32))[None, None].to(device) for s in supports])
         with torch.no_grad():
-            return predictor(torch.from_numpy(query)[None, None].float()).argmax(1)[0].numpy() == 1
+            x = torch.from_numpy(query)[None, None].float().to(device)
+            return predictor(x).argmax(1)[0].cpu().numpy() == 1
     ks = np.arange(zrange[0], zrange[1] + 1) if zrange is not None else np.arange(query.shape[2])
     n_chunks = chunks if zrange is not None else 1
     for c, kq in enumerate(np.array_split(ks, n_chunks)):
@@ -82,13 +85,13 @@ def run_learned(fit: Callable[[list[torch.Tensor], list[torch.Tensor]], Predicto
             if n_chunks > 1:
                 part = np.array_split(sk, n_chunks)[c]
                 sk = np.array([part[len(part) // 2]]) if len(part) else sk[[len(sk) // 2]]
-            images.append(axial_slices(img, sk))
-            masks.append(axial_slices(msk.astype(np.float32), sk))
+            images.append(axial_slices(img, sk).to(device))
+            masks.append(axial_slices(msk.astype(np.float32), sk).to(device))
         with grad:
             predictor = fit(images, masks)
         with torch.no_grad():  # one slice at a time: prototype scores are (slices, prototypes, H, W) in memory
             x = axial_slices(query, kq)
-            labels = torch.cat([predictor(x[i:i + 1]).argmax(1) for i in range(len(x))])
+            labels = torch.cat([predictor(x[i:i + 1].to(device)).argmax(1).cpu() for i in range(len(x))])
             pred[:, :, kq] = np.moveaxis(labels.numpy() == 1, 0, 2)
     return pred
 
@@ -105,28 +108,29 @@ def method_runners(cfg: Config, run_dir: Path) -> dict[str, Callable[..., np.nda
 
     scfg = cfg.segmentation
     roi = tuple(scfg.crop) if scfg.mode == "3d" else None
+    device = pick_device(cfg.train.device)
     runners: dict[str, Callable[..., np.ndarray]] = {}
     if scfg.method == "propagate":
         runners.update(propagation_runners(cfg, run_dir))
     for name, weights in (() if scfg.method == "propagate" else
                           ((scfg.method, "model.safetensors"), ("untrained", "untrained.safetensors"))):
-        model = load_weights(build_model(cfg), run_dir / weights).eval()
+        model = load_weights(build_model(cfg), run_dir / weights).to(device).eval()
         if scfg.method == "proto":
             fit = (lambda m: lambda xs, ms: fit_proto(m, xs, ms, roi))(model)
             runners[name] = (lambda f: lambda sup, q, s, z: run_learned(f, scfg.mode, sup, q.image, z, scfg.chunks,
-                                                                        True))(fit)
+                                                                        True, device))(fit)
         else:
             fit = (lambda m: lambda xs, ms: fit_maml(m, scfg, xs, ms, cfg.seed))(model)
             runners[name] = (lambda f: lambda sup, q, s, z: run_learned(f, scfg.mode, sup, q.image, z, 1,
-                                                                        False))(fit)
+                                                                        False, device))(fit)
     if "finetune" in scfg.baselines and scfg.method != "propagate":  # no segmentation network to fine-tune
-        trained = load_weights(build_model(cfg), run_dir / "model.safetensors")
+        trained = load_weights(build_model(cfg), run_dir / "model.safetensors").to(device)
         if scfg.method == "proto":
             backbone, div, head = trained.backbone, trained.divisor, True
         else:  # the MAML U-Net already has a 2-channel output: fine-tune it whole
             backbone, div, head = trained, backbone_divisor(scfg), False
         fit = lambda xs, ms: fit_finetune(backbone, div, scfg, xs, ms, cfg.seed, head=head)  # noqa: E731
-        runners["finetune"] = lambda sup, q, s, z: run_learned(fit, scfg.mode, sup, q.image, z, 1, False)
+        runners["finetune"] = lambda sup, q, s, z: run_learned(fit, scfg.mode, sup, q.image, z, 1, False, device)
     if "atlas" in scfg.baselines:
         from pipeline.segmentation.atlas import atlas_segment
 

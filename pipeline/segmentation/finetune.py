@@ -31,13 +31,13 @@ def support_batch(images: list[torch.Tensor], masks: list[torch.Tensor], scfg: S
         idx = rng.choice(x.shape[0], size=min(batch, x.shape[0]), replace=False)
         return x[idx], m[idx]
     xs, ms = [], []
-    arr, marr = x[0, 0].numpy(), m[0, 0].numpy()
+    arr, marr = x[0, 0].cpu().numpy(), m[0, 0].cpu().numpy()  # crops are cut on the CPU, trained on x's device
     fg = np.argwhere(marr > 0)
     for _ in range(min(batch, 2)):
         centre = fg[int(rng.integers(len(fg)))] if len(fg) else np.asarray(arr.shape) // 2
         xs.append(crop_at(arr, centre, tuple(scfg.crop)))
         ms.append(crop_at(marr, centre, tuple(scfg.crop)))
-    return torch.from_numpy(np.stack(xs)[:, None]), torch.from_numpy(np.stack(ms)[:, None])
+    return torch.from_numpy(np.stack(xs)[:, None]).to(x.device), torch.from_numpy(np.stack(ms)[:, None]).to(x.device)
 
 
 def fit_finetune(backbone: nn.Module, divisor: int, scfg: SegmentationConfig, images: list[torch.Tensor],
@@ -54,7 +54,7 @@ def fit_finetune(backbone: nn.Module, divisor: int, scfg: SegmentationConfig, im
     dims = images[0].dim() - 2
     conv = nn.Conv3d if dims == 3 else nn.Conv2d
     layers = [copy.deepcopy(backbone)] + ([conv(scfg.features, 2, kernel_size=1)] if head else [])
-    net = nn.Sequential(*layers)
+    net = nn.Sequential(*layers).to(images[0].device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     net.train()

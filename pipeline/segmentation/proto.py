@@ -125,7 +125,7 @@ def cap_prototypes(protos: torch.Tensor, cap: int = PROTOTYPE_CAP) -> torch.Tens
     """
     if len(protos) <= cap:
         return protos
-    keep = torch.linspace(1, len(protos) - 1, cap - 1).round().long()
+    keep = torch.linspace(1, len(protos) - 1, cap - 1, device=protos.device).round().long()
     return torch.cat([protos[:1], protos[keep]])
 
 

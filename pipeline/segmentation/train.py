@@ -21,7 +21,7 @@ from pipeline.common import loop
 from pipeline.common.config import Config
 from pipeline.common.episodes import episode_loader
 from pipeline.common.report import write_json
-from pipeline.common.run import pick_device, write_config
+from pipeline.common.run import write_config
 from pipeline.segmentation.data import Case, load_cases, split_patients, split_structures
 from pipeline.segmentation.episodes import SegEpisodes, precompute_supervoxels
 
@@ -64,7 +64,8 @@ def training_split(cfg: Config, run_dir: Path,
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None = None) -> Path:
-    """Meta-train on supervoxel pseudo-structures (`supervision: self`) or the training structures (on the CPU).
+    """Meta-train on supervoxel pseudo-structures (`supervision: self`) or the training structures, on
+    `train.device`.
 
     Args:
         cfg: the run config.
@@ -76,13 +77,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
 
     from pipeline.segmentation.maml import task_loss
 
-    # label propagation trains its registration network on train.device; the prototype and MAML networks stay on
-    # the CPU (their episode code does not move tensors yet)
-    device = None if cfg.segmentation.method == "propagate" else torch.device("cpu")
-    if device is not None and pick_device(cfg.train.device).type != "cpu":
-        log.warning("segmentation.method %s trains and evaluates on the CPU (train.device %s applies to "
-                    "label propagation only)", cfg.segmentation.method, cfg.train.device)
-    session = loop.begin(cfg, run_dir, resume, device=device)
+    session = loop.begin(cfg, run_dir, resume)
     if session.world.main:
         write_config(cfg, session.run_dir)
     split, train_cases, cases = training_split(cfg, session.run_dir, session.world.main)
@@ -91,7 +86,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
 
         grid = network_grid([c.image.shape for c in cases], cfg.registration)  # shapes only: no labels
         return train_propagation(cfg, session, train_cases, grid, stop_at)
-    model = build_model(cfg)
+    model = build_model(cfg).to(session.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     if cfg.segmentation.supervision == "self":
@@ -102,7 +97,7 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, stop_at: int | None 
         return iter(episode_loader(stream, cfg.episodes.workers, cfg.episodes.prefetch))
 
     def step(it: int, episode: tuple[torch.Tensor, ...]) -> dict[str, float]:
-        sx, sm, qx, qm = episode
+        sx, sm, qx, qm = (t.to(session.device) for t in episode)  # episodes are cut on the CPU
         if cfg.segmentation.method == "proto":
             loss = loss_fn(model(sx, sm, qx), qm)
         else:
