@@ -51,6 +51,25 @@ def test_classification_resumes_exactly(tmp_path: Path) -> None:
     assert_same_weights(full / "best" / "model.safetensors", part / "best" / "model.safetensors")
 
 
+@pytest.mark.parametrize("stop_at", [2, 3])  # inside pre-training, and at its last iteration
+def test_pretraining_then_episodes_resumes_exactly(tmp_path: Path, stop_at: int) -> None:
+    """Meta-Baseline's schedule: 3 supervised iterations (the base-class head is checkpointed as task state), then
+    episodic ProtoNet; a stop anywhere resumes to the same weights and curves."""
+    from test_train import tiny_npz
+
+    from pipeline.classification.train import train
+
+    sets = [f"data.root={tiny_npz(tmp_path / 'tiny.npz')}", "split.novel=[c5, c6]", "split.validation=[c3, c4]",
+            "model.encoder=conv4_2d", "model.filters=4", "model.norm_groups=2", "ways=2", "shots=1", "queries=2",
+            "train.iterations=5", "train.pretrain_iterations=3", "train.pretrain_batch=6", "train.log_every=1",
+            "train.val_every=1", "train.val_episodes=2", "train.device=cpu", "train.tensorboard=false",
+            "method.name=protonet", "transforms.augment.enabled=true"]
+    full, part = interrupted_then_resumed(train, REPO / "configs" / "classify_npz.yaml", sets, tmp_path, stop_at)
+    extra = load_file(str(part / "last" / "extra.safetensors"))
+    assert any("pretrain_head" in k for k in extra)  # the head was checkpointed, and is not in the model
+    assert not any("pretrain" in k for k in load_file(str(full / "model.safetensors")))
+
+
 def test_segmentation_resumes_exactly(tmp_path: Path) -> None:
     from datasets.synth_decathlon import write_synthetic_organs
     from pipeline.segmentation.train import train

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -167,13 +168,43 @@ def meta_batches(episodes: Iterator[tuple[torch.Tensor, ...]], size: int) -> Ite
         yield [next(episodes) for _ in range(size)]
 
 
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The feature extractor inside a method: `model.encoder`, or the first layer of MAML's `net`."""
+    return model.encoder if hasattr(model, "encoder") else model.net[0]
+
+
+def pretrain_batch(items: Items, base_y: torch.Tensor, size: int, seed: int, it: int,
+                   augment: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-training batch `it`: `size` base items `(B, C, *spatial)` and their base-class indices `(B,)`, a pure
+    function of `(seed, it)` so that a resume replays it."""
+    rng = np.random.default_rng([stream_seed(seed, "pretrain"), it])
+    idx = torch.from_numpy(rng.choice(len(base_y), size=min(size, len(base_y)), replace=False))
+    x = items.x[idx]
+    return (augment(x, rng) if augment is not None else x), base_y[idx]
+
+
 def build_task(cfg: Config, session: loop.Session, data: ClassData) -> loop.Task:
-    """The model, its Adam, the training episode stream, one meta-iteration and validation, for the loop."""
+    """The model, its Adam, the training episode stream, one meta-iteration and validation, for the loop.
+
+    With `train.pretrain_iterations`, the first iterations are Meta-Baseline's supervised pre-training instead:
+    cross-entropy of a linear head over all base classes on `train.pretrain_batch` items; the head lives in the
+    optimiser and the checkpoint's task state only, never in the model's weights.
+    """
     world, device, ep_cfg = session.world, session.device, cfg.episodes
     model = build_model(cfg, n_base=len(data.split["base"])).to(device)
     if getattr(model, "parallel_tasks", False) and not vectorised(model, cfg) and task_threads(cfg, device, world) > 1:
         torch.set_num_threads(1)  # one intra-op thread per task thread: OpenMP teams per thread oversubscribe cores
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    pretrain, base_index = cfg.train.pretrain_iterations, {name: i for i, name in enumerate(data.split["base"])}
+    head = None
+    if pretrain:
+        encoder = encoder_of(model)
+        with torch.no_grad():
+            encoder.eval()  # a stateless forward to size the head
+            dim = encoder(data.items.x[:1].to(device)).shape[-1]
+            encoder.train()
+        head = nn.Linear(dim, len(base_index)).to(device)
+    params = [*model.parameters(), *(head.parameters() if head is not None else [])]
+    opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ways, meta_batch = cfg.train.ways or ep_cfg.ways, cfg.method.meta_batch
 
     from transforms.augment import build_augmenter
@@ -181,13 +212,30 @@ def build_task(cfg: Config, session: loop.Session, data: ClassData) -> loop.Task
     augment = build_augmenter(cfg.transforms.augment, data.items.x.ndim - 2)
     dataset = EpisodeDataset(data.items.x, data.items.labels, data.items.groups, data.split["base"], ways,
                              ep_cfg.shots, ep_cfg.queries, seed=cfg.seed, augment=augment)
-    base_index = {name: i for i, name in enumerate(data.split["base"])}
+    base_y = torch.tensor([base_index[c] for c in data.items.labels])
 
-    def batches(start: int) -> Iterator[list[tuple[torch.Tensor, ...]]]:
-        dataset.start = start * meta_batch  # episode i is fixed by (seed, i): a resume replays the same stream
-        return meta_batches(iter(episode_loader(dataset, ep_cfg.workers, ep_cfg.prefetch)), meta_batch)
+    def batches(start: int) -> Iterator[Any]:
+        for it in range(start, pretrain):
+            yield pretrain_batch(data.items, base_y, cfg.train.pretrain_batch, cfg.seed, it, augment)
+        dataset.start = max(start, pretrain) * meta_batch  # episode i is fixed by (seed, i): a resume replays it
+        yield from meta_batches(iter(episode_loader(dataset, ep_cfg.workers, ep_cfg.prefetch)), meta_batch)
 
-    def step(it: int, episodes: list[tuple[torch.Tensor, ...]]) -> dict[str, float]:
+    def pretrain_step(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        opt.zero_grad(set_to_none=True)
+        mine = world.mine(len(y))  # torchrun: each rank takes its share of the batch, gradients are summed
+        logits = head(encoder_of(model)(x[mine].to(device)))
+        loss = F.cross_entropy(logits, y[mine].to(device), reduction="sum") / len(y)
+        loss.backward()
+        distributed.all_reduce_grads(model, world)
+        distributed.all_reduce_grads(head, world)
+        opt.step()
+        correct = float((logits.argmax(-1).cpu() == y[mine]).sum())
+        loss_sum, correct = all_sum([float(loss.detach()), correct], world)
+        return {"loss": loss_sum, "correct": correct, "count": len(y), "tasks": 1}
+
+    def step(it: int, episodes: Any) -> dict[str, float]:
+        if it < pretrain:
+            return pretrain_step(*episodes)
         tasks = [(sx.to(device), sy.to(device), qx.to(device), qy.to(device),
                   torch.tensor([base_index[c] for c in dataset.episode(it * meta_batch + t).classes], device=device))
                  for t, (sx, sy, qx, qy) in enumerate(episodes)]
@@ -209,8 +257,13 @@ def build_task(cfg: Config, session: loop.Session, data: ClassData) -> loop.Task
         # the model holds its initial weights until the loop starts (a resume loads `last/` only then): the score
         # training must beat, for the end-of-run warning (`no_gain_warning`)
         untrained["untrained_validation"] = validate()
+    state = load_state = None
+    if head is not None:
+        state = lambda: {"pretrain_head": head.state_dict()}  # noqa: E731
+        load_state = lambda s: head.load_state_dict(s["pretrain_head"])  # noqa: E731
     return loop.Task(model, batches, step, opt, metrics=("loss", "accuracy"), summarise=summarise,
                      validate=validate, val_metric="accuracy", record={"split": data.split},
+                     state=state, load_state=load_state,
                      info=lambda: {"items": len(data.items.labels), "item_shape": list(data.items.x.shape[1:]),
                                    **untrained})
 

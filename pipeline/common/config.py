@@ -132,6 +132,10 @@ class TrainConfig:
     checkpoint_every: int = Field(default=50, ge=1)  # write RUN_DIR/last every N iterations
     tensorboard: bool = True  # scalars into RUN_DIR/tensorboard
     threads: int = Field(default=0, ge=0)  # torch and SimpleITK CPU threads for train/evaluate; 0: their defaults
+    # classification: the first N iterations train the encoder + a base-class linear head on plain batches
+    # (Meta-Baseline's pre-training), the rest are episodic
+    pretrain_iterations: int = Field(default=0, ge=0)
+    pretrain_batch: int = Field(default=64, ge=2)
 
 
 @dataclass(config=_STRICT)

@@ -19,7 +19,7 @@ from datasets.volume import InputError, atomic_path
 
 # Each stream of episodes has its own seed, so changing one (say, the training schedule or the number of
 # validation episodes) never changes another. The offsets are the ones classification always used.
-STREAM_OFFSETS = {"train": 0, "validation": 500_009, "evaluation": 1_000_003}
+STREAM_OFFSETS = {"train": 0, "validation": 500_009, "evaluation": 1_000_003, "pretrain": 1_500_007}
 # The roles of an episode record's cases, per task kind.
 ROLES = {"classification": ("support", "query"), "segmentation": ("support", "query"),
          "registration": ("moving", "fixed")}
