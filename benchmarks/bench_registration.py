@@ -3,6 +3,9 @@
     .venv/bin/python benchmarks/bench_registration.py schedule --iterations 20 --threads 1
     .venv/bin/python benchmarks/bench_registration.py memory --threads 1
     .venv/bin/python benchmarks/bench_registration.py real --threads 1
+    .venv/bin/python benchmarks/bench_registration.py chaos-io \
+        "instance_scales=[4, 2];instance_coarse_steps=100;instance_steps=30;instance_reg_weight=2" \
+        --threads 1 --eval-pairs 40                  # variants first: argparse takes no positionals after options
 
 `schedule` generates a Decathlon folder of synthetic 40x50x40 MR-like volumes with labels, trains the ready config
 (`configs/register_decathlon.yaml`) for a few meta-iterations, evaluates it (fewscan, SimpleITK affine and affine +
@@ -338,9 +341,54 @@ def chaos(args: argparse.Namespace) -> None:
     (work / "chaos.json").write_text(json.dumps({str(k): v for k, v in reports.items()}, indent=2, default=str))
 
 
+def chaos_io(args: argparse.Namespace) -> None:
+    """chaos_t2_mr: test-time instance optimisation alone (`network.refine` from a zero field, no network, no
+    labels) against SimpleITK affine + demons on the `chaos` held-out pairs. Each positional argument is one
+    variant, `;`-separated `registration.*` settings."""
+    from pipeline.common.config import load_config
+    from pipeline.common.metrics import paired_differences
+    from pipeline.registration.deformation import warp_array
+    from pipeline.registration.episodes import PairData
+    from pipeline.registration.evaluate import _sitk_rows, pair_metrics
+    from pipeline.registration.network import Losses, refine
+    from pipeline.registration.train import n_labels, train
+
+    work, root = Path(args.work), DATA / "chaos_t2_mr"
+    run = work / "chaos_pairs"  # no training: the run only fixes the held-out pairs, as `chaos` draws them
+    if not (run / "pairs.json").is_file():
+        train(load_config(REPO / "configs" / "register_decathlon.yaml",
+                          [f"data.root={root}", *CHAOS_SETS, "train.iterations=0", "registration.prealign=none",
+                           f"registration.eval_pairs={args.eval_pairs}"]), run)
+    pairs = json.loads((run / "pairs.json").read_text())["eval"]
+    data = PairData(load_config(run / "config.yaml"), pairs, labels_required=True)
+    cached = work / "chaos_demons.json"
+    if not cached.is_file():
+        cached.write_text(json.dumps(_sitk_rows(data, "affine+demons"), default=float))
+    demons = json.loads(cached.read_text())
+    print(f"({load_line()}) SimpleITK affine + demons: Dice {np.mean([r['dice'] for r in demons]):.3f}, "
+          f"{np.mean([r['seconds'] for r in demons]):.2f} s/pair", flush=True)
+    for variant in args.rest:
+        cfg = load_config(run / "config.yaml", [f"registration.{s.strip()}" for s in variant.split(";")])
+        losses, rows = Losses(cfg.registration, n_labels(pairs)), []
+        for i, pair in enumerate(pairs):
+            _, fv, ml, fl = data.volumes(i)
+            moving, fixed = data.batch([i])[:2]
+            start = time.perf_counter()
+            ddf = refine(torch.zeros(1, 3, *fixed.shape[2:]), moving, fixed, losses, cfg.registration.instance_steps,
+                         cfg.registration.instance_lr)[0].numpy()
+            seconds = time.perf_counter() - start
+            warped = warp_array(ml.array, ddf, nearest=True)
+            rows.append({**pair_metrics(warped, fl.array, ddf, fv.spacing, pair["structures"]), "seconds": seconds})
+        dice = [r["dice"] for r in rows]
+        diff = paired_differences(dice, {"demons": [r["dice"] for r in demons]})["demons"]["dice"]
+        print(f"{variant}: Dice {np.mean(dice):.3f}, folding {100 * np.mean([r['folding'] for r in rows]):.3f}%, "
+              f"{np.mean([r['seconds'] for r in rows]):.2f} s/pair; minus demons {diff['mean']:+.3f} "
+              f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}] over {diff['n']} pairs", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["schedule", "memory", "memory-one", "real", "chaos"])
+    parser.add_argument("what", choices=["schedule", "memory", "memory-one", "real", "chaos", "chaos-io"])
     parser.add_argument("rest", nargs="*")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="/tmp/fewscan_bench_registration")
@@ -360,7 +408,7 @@ def main() -> None:
     if args.what == "memory-one":
         memory_one(int(args.rest[0]), args.rest[1])
     else:
-        {"schedule": schedule, "memory": memory, "real": real, "chaos": chaos}[args.what](args)
+        {"schedule": schedule, "memory": memory, "real": real, "chaos": chaos, "chaos-io": chaos_io}[args.what](args)
 
 
 if __name__ == "__main__":

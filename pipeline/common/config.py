@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import ConfigDict, Field, PositiveInt, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from datasets.volume import FewscanError
@@ -211,7 +211,12 @@ class RegistrationConfig:
     adapt_steps: int = Field(default=20, ge=0)  # test time: steps on the new task's adaptation pairs
     adapt_lr: float = Field(default=1e-4, gt=0)
     instance_steps: int = Field(default=0, ge=0)  # test time: Adam steps on each pair's own field (no labels)
-    instance_lr: float = Field(default=0.2, gt=0)  # voxels of the half-resolution residual field per step
+    instance_lr: float = Field(default=0.2, gt=0)  # voxels of the residual field per step
+    # coarse to fine: a residual field at 1/s resolution per entry ([2]: half resolution only); `instance_steps`
+    # steps at the last (finest) scale, `instance_coarse_steps` (None: as many) at each one before it
+    instance_scales: list[PositiveInt] = Field(default_factory=lambda: [2], min_length=1)
+    instance_coarse_steps: int | None = Field(default=None, ge=0)
+    instance_reg_weight: float | None = Field(default=None, ge=0)  # the regulariser's weight then (None: reg_weight)
     baseline: Literal["affine+demons", "affine+bspline", "none"] = "affine+demons"  # SimpleITK, same pairs
     baseline_affine: bool = True  # also report SimpleITK affine alone
 
@@ -290,12 +295,13 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 # data, split). Classification and segmentation draw other fixed episodes; registration evaluates the pairs fixed
 # at training and may change only its test-time adaptation.
 _EPISODE_KEYS = ("episodes.shots", "episodes.queries", "episodes.eval_episodes", "seed")  # segmentation has no ways
+_INSTANCE_KEYS = ("registration.instance_steps", "registration.instance_lr", "registration.instance_scales",
+                  "registration.instance_coarse_steps", "registration.instance_reg_weight")
 EVAL_KEYS: dict[str, tuple[str, ...]] = {
     "classification": (*_EPISODE_KEYS, "episodes.ways"),
     "segmentation": (*_EPISODE_KEYS, "segmentation.fusion", "segmentation.score_stride",
-                     "registration.instance_steps", "registration.instance_lr"),  # the last two: propagate
-    "registration": ("registration.instance_steps", "registration.instance_lr", "registration.adapt_steps",
-                     "registration.adapt_lr"),
+                     *_INSTANCE_KEYS),  # propagate's test-time optimisation
+    "registration": (*_INSTANCE_KEYS, "registration.adapt_steps", "registration.adapt_lr"),
 }
 EVAL_RUNTIME_KEYS = ("train.device", "train.threads")  # change no number, so no separate report
 # What `train --resume` may change: where and how fast it runs, how often it logs, and how long it goes on.
