@@ -32,7 +32,7 @@ from datasets import dicom
 from datasets.dicom_frames import Frame, frames_of, is_image
 from datasets.dicom_geometry import plan_stacks
 from datasets.guard import malformed
-from datasets.manifest import SERIES_COLUMNS, join_paths, read_manifest, write_manifest
+from datasets.manifest import columns, join_paths, read_manifest, write_manifest
 from datasets.volume import InputError, atomic_path
 from datasets.volume_io import VOLUME_SUFFIXES, load_volume, read_sidecar
 from datasets.world import LPS_TO_RAS, sitk_ras_affine
@@ -328,10 +328,7 @@ def index_tree(
     if labels is not None:
         rows = join_findings(rows, labels, sop_to_series, series_patient, salt=salt, raw_ids=raw_ids)
     _save_cache(cache, cached, salt)  # only now: a refused index leaves nothing beside its output
-    cols = list(SERIES_COLUMNS)
-    for r in rows:
-        cols.extend(k for k in r if k not in cols)
-    return [{c: str(r.get(c, "")) for c in cols} for r in rows]
+    return [{c: str(r.get(c, "")) for c in columns(rows)} for r in rows]
 
 
 def join_findings(
@@ -390,6 +387,4 @@ def locate(rows: list[dict[str, str]], manifest: Path, root: Path | None) -> lis
     if root is None or not Path(root).is_dir():
         raise InputError(manifest, "names its series by series_key only, and data.root "
                          f"({root or 'not set'}) is not a folder to find them in")
-    from datasets.index import index_tree
-
     return join_paths(rows, {r["series_key"]: r["path"] for r in index_tree(Path(root))}, manifest, f"{root}")

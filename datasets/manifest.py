@@ -16,7 +16,7 @@ from typing import Literal
 
 from datasets.volume import InputError, atomic_path
 
-__all__ = ["SERIES_COLUMNS", "join_paths", "locator_of", "read_manifest", "write_manifest"]
+__all__ = ["SERIES_COLUMNS", "columns", "join_paths", "locator_of", "read_manifest", "write_manifest"]
 
 SERIES_COLUMNS = ["path", "series_key", "kind", "modality", "series_uid", "study_uid", "patient_key", "shape",
                   "spacing", "orientation", "n_files", "labels_for", "label_names", "description", "stack", "issues"]
@@ -29,6 +29,14 @@ def locator_of(manifest: Path) -> Path:
     return manifest.with_name(manifest.name.removesuffix(".csv") + ".paths.csv")
 
 
+def columns(rows: list[dict[str, str]]) -> list[str]:
+    """`SERIES_COLUMNS`, then every other key of `rows` in first-seen order."""
+    cols = list(SERIES_COLUMNS)
+    for r in rows:
+        cols.extend(k for k in r if k not in cols)
+    return cols
+
+
 def write_manifest(rows: list[dict[str, str]], out: Path, locations: Locations = "beside") -> None:
     """Write rows as CSV (header = union of keys, first-seen order); all-or-nothing.
 
@@ -39,9 +47,7 @@ def write_manifest(rows: list[dict[str, str]], out: Path, locations: Locations =
             `locator_of(out)`, ``"none"`` nowhere (a run folder's copy), ``"inline"`` stays in `out` (the user
             asked for raw identifiers). Rows without ``series_key`` are always written as they are.
     """
-    cols = list(SERIES_COLUMNS)
-    for r in rows:
-        cols.extend(k for k in r if k not in cols)
+    cols = columns(rows)
     keyed = bool(rows) and all(r.get("series_key") for r in rows)
     if keyed and locations != "inline":
         cols.remove("path")

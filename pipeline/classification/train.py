@@ -195,14 +195,7 @@ def build_task(cfg: Config, session: loop.Session, data: ClassData) -> loop.Task
     if getattr(model, "parallel_tasks", False) and not vectorised(model, cfg) and task_threads(cfg, device, world) > 1:
         torch.set_num_threads(1)  # one intra-op thread per task thread: OpenMP teams per thread oversubscribe cores
     pretrain, base_index = cfg.train.pretrain_iterations, {name: i for i, name in enumerate(data.split["base"])}
-    head = None
-    if pretrain:
-        encoder = encoder_of(model)
-        with torch.no_grad():
-            encoder.eval()  # a stateless forward to size the head
-            dim = encoder(data.items.x[:1].to(device)).shape[-1]
-            encoder.train()
-        head = nn.Linear(dim, len(base_index)).to(device)
+    head = nn.Linear(encoder_of(model).out_dim, len(base_index)).to(device) if pretrain else None
     params = [*model.parameters(), *(head.parameters() if head is not None else [])]
     opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     ways, meta_batch = cfg.train.ways or ep_cfg.ways, cfg.method.meta_batch
